@@ -1,0 +1,18 @@
+"""Backbones (ResNet v1.5 on MONAI, BiT ResNetV2) and SSL heads."""
+
+from medssl.models.heads import IMAGENET_NORMALIZATION, InputNormalization, MLPHead, Prototypes
+from medssl.models.registry import ARCHITECTURES, build_backbone
+from medssl.models.resnet import ResNet
+from medssl.models.resnetv2 import ResNetV2, StdConv2d
+
+__all__ = [
+    "ARCHITECTURES",
+    "IMAGENET_NORMALIZATION",
+    "InputNormalization",
+    "MLPHead",
+    "Prototypes",
+    "ResNet",
+    "ResNetV2",
+    "StdConv2d",
+    "build_backbone",
+]

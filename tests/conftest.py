@@ -1,0 +1,44 @@
+"""Shared pytest fixtures.
+
+Real data: ``MEDSSL_SHARED_DATA`` (set by ``.ci/run``) points at the shared data folder described in
+``../shared/data/README.md``; without it we look for ``../shared/data`` beside the repository. Tests that
+need it skip with a clear reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The shared real-data folder, or None when it is not available."""
+    env = os.environ.get("MEDSSL_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data")
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the shared real-data folder; skips the test when it is absent."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("shared real data not found: set MEDSSL_SHARED_DATA to the shared/data folder")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Keep each test on the 2 cores we have and make it deterministic where torch allows."""
+    import torch
+
+    torch.set_num_threads(2)
+    yield

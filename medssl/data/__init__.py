@@ -1,1 +1,11 @@
-"""medssl.data"""
+"""medssl.data: from files to de-identified manifests, splits and MONAI datalists.
+
+Modules (imported on use, so ``import medssl.data`` stays light):
+
+- :mod:`medssl.data.manifest` - the JSONL manifest: fields, schema, read/write/validate/check.
+- :mod:`medssl.data.deid` - keyed pseudonyms (``MEDSSL_DEID_KEY``) and PHI scrubbing of free text.
+- :mod:`medssl.data.dicom_scan` - header-only DICOM reads, DICOMDIR references, folder walk.
+- :mod:`medssl.data.ingest` - PACS export -> manifest + errors file, incremental.
+- :mod:`medssl.data.splits` - grouped stratified splits and nested label-fraction subsamples.
+- :mod:`medssl.data.datalist` - MONAI datalist export.
+"""

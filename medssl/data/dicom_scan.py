@@ -1,0 +1,360 @@
+"""Header-only DICOM reads and folder scanning (with or without DICOMDIR) for the ingest.
+
+:func:`scan_file` reads a file's header up to, not into, its pixel data (pydicom ``read_partial`` with a stop
+condition at the first pixel-data element and ``specific_tags``, so no PHI attribute is even decoded) and
+returns a de-identified summary: identifiers come back only as keyed pseudonyms.
+
+:func:`find_files` lists every file under a folder (any name, any depth) plus the files that DICOMDIR
+directories reference, so a DICOMDIR-only export is followed even when its file IDs differ in case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.tag import Tag
+
+from medssl.data.deid import Pseudonymizer, scrub_text
+
+logger = logging.getLogger("medssl.data.dicom_scan")
+
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, FloatPixelData, DoubleFloatPixelData
+UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+# Attributes read from the header. No name, birth date, accession number, institution or physician is read.
+HEADER_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ImageType",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+    "BodyPartExamined",
+    "ViewPosition",
+    "BurnedInAnnotation",
+    "SeriesDescription",
+    "DirectoryRecordSequence",
+)
+_HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
+
+# SOP Class UID prefixes of objects that are not images (or not images to pretrain on).
+NON_IMAGE_SOP_PREFIXES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report / key object selection",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform (ECG, audio, hemodynamic)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data / registration / segmentation / fiducials",
+    "1.2.840.10008.5.1.4.1.1.67": "real world value mapping",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document (PDF, CDA, STL)",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set",
+    "1.2.840.10008.5.1.4.1.1.481.4": "RT treatment record",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT plan",
+    "1.2.840.10008.5.1.4.1.1.481.6": "RT treatment record",
+    "1.2.840.10008.5.1.4.1.1.481.7": "RT treatment summary record",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RT plan",
+    "1.2.840.10008.5.1.4.1.1.481.9": "RT treatment record",
+    "1.2.840.10008.5.1.4.1.1.4.2": "MR spectroscopy",
+    "1.2.840.10008.5.1.4.1.1.68.": "surface model",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.": "ophthalmic non-image object",
+    "1.2.840.10008.5.1.4.1.1.78.": "ophthalmic measurements",
+    "1.2.840.10008.5.1.4.1.1.79.": "ophthalmic measurements",
+    "1.2.840.10008.5.1.4.1.1.80.": "ophthalmic measurements",
+    "1.2.840.10008.5.1.4.1.1.81.": "ophthalmic measurements",
+    "1.2.840.10008.5.1.4.1.1.82.": "ophthalmic measurements",
+    "1.2.840.10008.5.1.4.1.1.200.": "CT/XA protocol",
+    "1.2.840.10008.5.1.4.34.": "RT second-generation non-image object",
+    "1.2.840.10008.1.3.10": "media storage directory (DICOMDIR)",
+}
+# Modalities of non-image objects (RTIMAGE, a planar radiograph, is kept).
+NON_IMAGE_MODALITIES: frozenset[str] = frozenset(
+    {
+        "SR", "KO", "PR", "SEG", "REG", "RWV", "FID", "DOC", "PLAN", "ECG", "EPS", "HD", "RESP", "AU", "BI",
+        "IVOCT_MEAS", "M3D", "OPT_MEAS", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTTREAT", "RTSEGANN",
+        "MPR", "LEN", "SMR", "TEXTUREMAP", "OSS", "STAIN",
+    }
+)
+LOCALIZER_WORDS = ("localizer", "localiser", "scout", "topogram", "surview", "survey", "scanogram")
+
+
+_US_KEYWORDS = frozenset({"Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel"})
+_TAG_OF = {keyword: int(Tag(keyword)) for keyword in HEADER_KEYWORDS}
+
+
+def _raw(ds: pydicom.Dataset, keyword: str) -> Any:
+    """An element's value without pydicom's value conversion where possible (fast path for header scans).
+
+    Returns ``bytes`` for a not-yet-converted element, the converted value otherwise, ``None`` if absent.
+    """
+    elem = ds.get_item(_TAG_OF[keyword]) if keyword in _TAG_OF else None
+    if elem is None:
+        return None
+    return elem.value
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """An ASCII-coded attribute (UI, CS, IS, DS, or a word-matched LO), stripped; ``None`` when absent/empty."""
+    value = _raw(ds, keyword)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    elif isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _identifier(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """A LO/UI identifier decoded with the dataset's character set (so pseudonyms match other tools')."""
+    value = ds.get(keyword) if keyword == "PatientID" else _text(ds, keyword)
+    if value is None:
+        return None
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = _raw(ds, keyword)
+    if isinstance(value, bytes) and keyword in _US_KEYWORDS:
+        if len(value) < 2:
+            return None
+        little = ds.original_encoding[1] is not False
+        return int.from_bytes(value[:2], "little" if little else "big")
+    if isinstance(value, bytes):
+        value = value.decode("latin-1").split("\\")[0].strip().strip("\x00")
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return None
+
+
+def _image_type(ds: pydicom.Dataset) -> list[str]:
+    text = _text(ds, "ImageType")
+    return [] if text is None else [v.strip().upper() for v in text.split("\\")]
+
+
+def non_image_reason(sop_class: str | None, modality: str | None) -> str | None:
+    """Why an object with this SOP Class UID / Modality is not an image to ingest, or ``None``."""
+    if sop_class:
+        for prefix, what in NON_IMAGE_SOP_PREFIXES.items():
+            if sop_class.startswith(prefix):
+                return f"non-image object ({what})"
+    if modality and modality.upper() in NON_IMAGE_MODALITIES:
+        return f"non-image object (modality {modality.upper()})"
+    return None
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Any:
+    """Silence pydicom's value warnings while reading: they quote element values, which may be PHI."""
+    pydicom_logger = logging.getLogger("pydicom")
+    old_disabled, old_mode = pydicom_logger.disabled, pydicom_config.settings.reading_validation_mode
+    pydicom_logger.disabled = True
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_logger.disabled = old_disabled
+        pydicom_config.settings.reading_validation_mode = old_mode
+
+
+def _read_header(path: str) -> tuple[pydicom.Dataset, dict[str, Any]]:
+    """Parse the header of ``path`` up to the pixel data; returns the dataset and pixel-element facts."""
+    pixel: dict[str, Any] = {}
+
+    def stop_at_pixels(tag: Any, vr: str | None, length: int) -> bool:
+        if int(tag) in PIXEL_TAGS:
+            pixel["tag"] = int(tag)
+            pixel["length"] = int(length)
+            return True
+        return False
+
+    with open(path, "rb") as fh:
+        try:
+            ds = read_partial(fh, stop_when=stop_at_pixels, specific_tags=_HEADER_TAGS)
+        except InvalidDicomError:
+            fh.seek(0)
+            pixel.clear()
+            ds = read_partial(fh, stop_when=stop_at_pixels, force=True, specific_tags=_HEADER_TAGS)
+            if not ("SOPClassUID" in ds or "Modality" in ds or ("Rows" in ds and pixel)):
+                raise InvalidDicomError("no DICOM preamble and no recognisable DICOM attributes") from None
+        pixel["offset"] = fh.tell()
+    return ds, pixel
+
+
+def scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+    """Read one file's header and summarise it without PHI.
+
+    Returns ``{"status": "image" | "skip" | "error", "reason": str | None, "header": dict | None}``. ``header``
+    holds pseudonyms (``instance``, ``patient_id``, ``study_id``, ``series_id``) and technical attributes
+    (modality, photometric, rows, columns, bits_stored, samples_per_pixel, number_of_frames, body_part,
+    view_position, transfer_syntax, image_type, burned_in, derived, localizer). Never raises for bad files.
+    """
+    with quiet_pydicom():
+        return _scan_file(path, pseudonymizer)
+
+
+def _scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+    try:
+        ds, pixel = _read_header(path)
+    except InvalidDicomError:
+        return {"status": "error", "reason": "not a DICOM file", "header": None}
+    except (OSError, EOFError) as exc:
+        return {"status": "error", "reason": f"unreadable: {type(exc).__name__}: {scrub_text(str(exc))}", "header": None}
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file, reported with its reason
+        return {"status": "error", "reason": f"unreadable DICOM header: {type(exc).__name__}: {scrub_text(str(exc))}",
+                "header": None}
+    try:
+        return _summarise(path, ds, pixel, pseudonymizer)
+    except Exception as exc:  # noqa: BLE001 - malformed values in an otherwise readable header
+        return {"status": "error", "reason": f"malformed DICOM header: {type(exc).__name__}: {scrub_text(str(exc))}",
+                "header": None}
+
+
+def _summarise(path: str, ds: pydicom.Dataset, pixel: dict[str, Any], pz: Pseudonymizer) -> dict[str, Any]:
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() if meta is not None else ""
+    meta_class = str(meta.get("MediaStorageSOPClassUID", "")).strip() if meta is not None else ""
+    sop_class = _text(ds, "SOPClassUID") or meta_class or None
+    modality = _text(ds, "Modality")
+    image_type = _image_type(ds)
+    series_description = (_text(ds, "SeriesDescription") or "").lower()
+    burned = _text(ds, "BurnedInAnnotation")
+    header = {
+        "instance": pz.pseudonym("instance", _identifier(ds, "SOPInstanceUID")),
+        "patient_id": pz.pseudonym("patient", _identifier(ds, "PatientID")),
+        "study_id": pz.pseudonym("study", _identifier(ds, "StudyInstanceUID")),
+        "series_id": pz.pseudonym("series", _identifier(ds, "SeriesInstanceUID")),
+        "modality": modality.upper() if modality else None,
+        "photometric": (_text(ds, "PhotometricInterpretation") or "").upper() or None,
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "bits_stored": _int(ds, "BitsStored"),
+        "bits_allocated": _int(ds, "BitsAllocated"),
+        "samples_per_pixel": _int(ds, "SamplesPerPixel"),
+        "number_of_frames": _int(ds, "NumberOfFrames") or 1,
+        "body_part": (_text(ds, "BodyPartExamined") or "").upper() or None,
+        "view_position": (_text(ds, "ViewPosition") or "").upper() or None,
+        "transfer_syntax": transfer_syntax or None,
+        "image_type": image_type,
+        "burned_in": None if burned is None else burned.upper() == "YES",
+        "derived": bool(image_type) and image_type[0] == "DERIVED",
+        "localizer": "LOCALIZER" in image_type
+        or any(word in series_description for word in LOCALIZER_WORDS),
+    }
+    if "DirectoryRecordSequence" in ds or sop_class == "1.2.840.10008.1.3.10":
+        return {"status": "skip", "reason": "DICOMDIR (media storage directory; its referenced files are scanned)",
+                "header": None}
+    reason = non_image_reason(sop_class, modality)
+    if reason:
+        return {"status": "skip", "reason": reason, "header": header}
+    if not pixel.get("tag"):
+        return {"status": "skip", "reason": "no pixel data", "header": header}
+    if not header["rows"] or not header["columns"]:
+        return {"status": "error", "reason": "pixel data without valid Rows/Columns", "header": header}
+    if header["number_of_frames"] < 1:
+        return {"status": "error", "reason": "NumberOfFrames < 1", "header": header}
+    length = pixel.get("length", 0)
+    deflated = transfer_syntax == DEFLATED_TRANSFER_SYNTAX  # file offsets are not dataset offsets
+    if not deflated and length != UNDEFINED_LENGTH and pixel.get("offset", 0) + 8 + length > os.path.getsize(path):
+        return {"status": "error", "reason": "truncated file (pixel data shorter than declared)", "header": header}
+    if length == 0:
+        return {"status": "error", "reason": "empty pixel data", "header": header}
+    return {"status": "image", "reason": None, "header": header}
+
+
+def _resolve_case_insensitive(base: Path, parts: Iterable[str]) -> Path | None:
+    """Resolve a DICOMDIR file ID (components, upper case by the standard) under ``base``, any case."""
+    current = base
+    for part in parts:
+        candidate = current / part
+        if candidate.exists():
+            current = candidate
+            continue
+        try:
+            matches = [p for p in current.iterdir() if p.name.upper() == part.upper()]
+        except OSError:
+            return None
+        if not matches:
+            return None
+        current = matches[0]
+    return current if current.is_file() else None
+
+
+def dicomdir_references(dicomdir: str) -> tuple[list[str], list[str], str | None]:
+    """Files referenced by a DICOMDIR: ``(existing paths, missing file IDs, error reason or None)``."""
+    try:
+        with quiet_pydicom():
+            ds = pydicom.dcmread(dicomdir, force=True, specific_tags=[Tag("DirectoryRecordSequence")])
+    except Exception as exc:  # noqa: BLE001 - a bad DICOMDIR is reported, the folder walk still runs
+        return [], [], f"unreadable DICOMDIR: {type(exc).__name__}: {scrub_text(str(exc))}"
+    base = Path(dicomdir).parent
+    found: list[str] = []
+    missing: list[str] = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        file_id = record.get("ReferencedFileID")
+        if file_id is None:
+            continue
+        parts = [str(p).strip() for p in (file_id if isinstance(file_id, (list, tuple, pydicom.multival.MultiValue))
+                                          else str(file_id).split("\\")) if str(p).strip()]
+        if not parts:
+            continue
+        resolved = _resolve_case_insensitive(base, parts)
+        if resolved is None:
+            missing.append("/".join(parts))
+        else:
+            found.append(str(resolved))
+    return found, missing, None
+
+
+def is_dicomdir_name(path: str) -> bool:
+    """True for files named like a DICOMDIR (``DICOMDIR``, any case, optionally with a suffix)."""
+    return os.path.basename(path).upper().startswith("DICOMDIR")
+
+
+def walk_files(root: str, exclude: Iterable[str] = ()) -> list[str]:
+    """Every regular file under ``root`` (any name, any depth), sorted, as absolute paths.
+
+    Hidden folders (``.name``), our own temporary files (``.name.tmp``) and paths in ``exclude`` (e.g. the
+    manifest being written) are skipped. Symbolic links to files are followed, each real file listed once.
+    """
+    root = os.path.abspath(root)
+    excluded = {os.path.realpath(p) for p in exclude}
+    files: dict[str, str] = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in excluded or not os.path.isfile(path):
+                continue
+            files.setdefault(real, path)
+    return sorted(files.values())

@@ -1,0 +1,155 @@
+"""DICOM pixel pipeline: decode one frame with pydicom and apply the display chain of DICOM PS3.3 C.11.
+
+Order (each step only where the file asks for it):
+
+1. decode (pydicom 3 decoders; JPEG baseline/lossless, JPEG-LS, JPEG 2000 and RLE go through the
+   ``pylibjpeg`` plugins); ``YBR_FULL``/``YBR_FULL_422`` become RGB in the decoder, JPEG 2000 ``YBR_RCT``/
+   ``YBR_ICT`` are returned as RGB by the codec;
+2. ``PALETTE COLOR`` -> RGB through the palette LUTs (``pydicom.pixels.apply_color_lut``);
+3. grayscale: modality LUT / rescale slope-intercept (``apply_modality_lut``), then the VOI stage, which sets the
+   displayed intensity range: the file's VOI LUT, else its window centre/width (C.11.2.1.2, ``LINEAR``,
+   ``LINEAR_EXACT`` or ``SIGMOID``), else a percentile window (default 0.5-99.5 %); ``window="percentile"``
+   forces the percentile window and ``window="minmax"`` uses the frame's minimum and maximum;
+4. ``MONOCHROME1`` inversion inside that range (so air is dark, bone bright, as in ``MONOCHROME2``).
+
+The result keeps native units (no 8-bit quantisation): a float32 array ``(C, H, W)`` (C = 1 grayscale, 3 colour)
+plus the ``(low, high)`` range that the later intensity scaling maps to [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+
+from medssl.errors import MedsslError
+
+WindowMode = Literal["auto", "percentile", "minmax"]
+
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+
+def _first(value: object) -> float:
+    """First value of a possibly multi-valued DICOM element, as float."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
+
+
+def window_to_range(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Apply a DICOM window (PS3.3 C.11.2.1.2/3) and return values in [0, 1] with range (0, 1).
+
+    Args:
+        values: modality-LUT output (any shape).
+        center, width: Window Center / Window Width (0028,1050)/(0028,1051).
+        function: VOI LUT Function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
+    """
+    x = values.astype(np.float64)
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError("LINEAR_EXACT window width must be > 0")
+        out = (x - (center - width / 2.0)) / width
+    else:
+        if width < 1:
+            raise ValueError("LINEAR window width must be >= 1")
+        out = ((x - (center - 0.5)) / (width - 1.0)) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32), (0.0, 1.0)
+
+
+def _voi(
+    gray: np.ndarray,
+    ds: pydicom.Dataset,
+    frame: int,
+    window: WindowMode,
+    percentiles: tuple[float, float],
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """VOI stage for one grayscale frame: returns (values, (low, high))."""
+    if window == "auto":
+        voi_seq = ds.get("VOILUTSequence")
+        if voi_seq:
+            lut_data = np.asarray(voi_seq[0].LUTData, dtype=np.float64)
+            out = apply_voi(gray, ds, index=0).astype(np.float32)
+            return out, (float(lut_data.min()), float(lut_data.max()))
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is not None and width is not None:
+            return window_to_range(gray, _first(center), _first(width), str(ds.get("VOILUTFunction", "LINEAR")))
+        window = "percentile"
+    gray = gray.astype(np.float32)
+    if window == "percentile":
+        low, high = np.percentile(gray, percentiles)
+    elif window == "minmax":
+        low, high = gray.min(), gray.max()
+    else:
+        raise ValueError(f"unknown window mode {window!r}: use 'auto', 'percentile' or 'minmax'")
+    return gray, (float(low), float(high))
+
+
+def read_dicom_frame(
+    path: str | os.PathLike[str],
+    frame: int | None = None,
+    *,
+    window: WindowMode = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Decode one frame of a DICOM image through the display pipeline described in the module docstring.
+
+    Args:
+        path: the DICOM file.
+        frame: 0-based frame index for multi-frame objects; ``None`` = frame 0.
+        window: VOI choice for grayscale images (``auto``: VOI LUT, else window, else percentile).
+        percentiles: (low, high) percentiles in % for the percentile window.
+
+    Returns:
+        ``(array, (low, high))``: float32 ``(C, H, W)`` in native/windowed units, and the intensity range that
+        maps to [0, 1]. Colour images: C = 3 and the range is the full range of their bit depth.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise MedsslError(f"not a readable DICOM file ({exc})", path) from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise MedsslError("DICOM object has no pixel data", path)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    index = 0 if frame is None else int(frame)
+    if not 0 <= index < n_frames:
+        raise MedsslError(f"frame {index} out of range: the object has {n_frames} frame(s)", path)
+    try:
+        arr = pixel_array(ds, index=index)
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise MedsslError(f"cannot decode pixel data (transfer syntax {getattr(ts, 'name', ts)}): {exc}", path) from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else float(rgb.max())
+        return np.moveaxis(rgb.astype(np.float32), -1, 0), (0.0, top)
+    if samples == 3:
+        bits = int(ds.get("BitsStored", 8))
+        return np.moveaxis(arr.astype(np.float32), -1, 0), (0.0, float(2**bits - 1))
+    if samples != 1:
+        raise MedsslError(f"unsupported Samples per Pixel {samples}", path)
+
+    gray = apply_modality_lut(arr, ds)
+    values, (low, high) = _voi(gray, ds, index, window, percentiles)
+    if photometric == "MONOCHROME1":
+        values = (low + high) - values
+    return values.astype(np.float32)[None], (low, high)
+
+
+def count_frames(path: str | os.PathLike[str]) -> int:
+    """Number of frames of a DICOM image, from its header only."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:
+        raise MedsslError(f"not a readable DICOM file ({exc})", path) from exc
+    return int(ds.get("NumberOfFrames", 1) or 1)

@@ -1,0 +1,139 @@
+"""``LoadRecordd``: one MONAI dictionary transform that reads any manifest record's pixels.
+
+Dispatch on ``record["source"]`` (inferred from the file suffix when absent):
+
+========  ==========================================  =====================================
+source    reader                                      record keys used
+========  ==========================================  =====================================
+dicom     :func:`.dicom.read_dicom_frame`             ``frame``
+nifti     :func:`.volume.read_volume_slice`           ``slice``, ``axis``, ``slice_mode``
+nrrd      :func:`.volume.read_volume_slice`           ``slice``, ``axis``, ``slice_mode``
+image     :func:`.image.read_image_file`              -
+npz       :func:`.npz.read_npz_image`                 ``index``, ``npz_split`` (default train)
+h5        :func:`.h5.read_h5_image`                   ``index``, ``h5_key`` (default ``x``)
+wsi       :func:`.wsi.read_wsi_tile`                  ``x``, ``y``, ``tile_size``, ``level``
+========  ==========================================  =====================================
+
+Output: ``data[key]`` becomes a float32 numpy array ``(C, H, W)`` in native intensity units (C = 1 or 3;
+3 for 2.5D volume slabs) and ``data[f"{key}_range"]`` the ``(low, high)`` intensities that the later scaling
+(:class:`medssl.transforms.intensity.ScaleToUnitd`) maps to 0 and 1. The record's other keys pass through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.transforms import MapTransform
+
+from medssl.data.readers.dicom import DEFAULT_PERCENTILES, WindowMode, read_dicom_frame
+from medssl.data.readers.h5 import read_h5_image
+from medssl.data.readers.image import IMAGE_SUFFIXES, RangeMode, read_image_file
+from medssl.data.readers.npz import read_npz_image
+from medssl.data.readers.volume import ITK_SUFFIXES, SliceMode, VolumeRange, read_volume_slice
+from medssl.data.readers.wsi import read_wsi_tile
+from medssl.errors import MedsslError
+
+READ_SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "h5", "wsi")
+
+
+def infer_source(path: str) -> str:
+    """Reader kind from a file name: ``nifti``, ``nrrd``, ``npz``, ``h5``, ``wsi`` (.svs), ``image`` or ``dicom``."""
+    name = Path(path).name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "nrrd"
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith((".h5", ".hdf5")):
+        return "h5"
+    if name.endswith((".svs", ".ndpi", ".scn")):
+        return "wsi"
+    if Path(name).suffix in IMAGE_SUFFIXES:
+        return "image"
+    return "dicom"
+
+
+def read_record(
+    record: Mapping[str, Any],
+    key: str = "image",
+    *,
+    window: WindowMode = "auto",
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    image_range: RangeMode = "dtype",
+    volume_range: VolumeRange = "percentile",
+    slice_mode: SliceMode = "2d",
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read the pixels named by ``record[key]``; see the module docstring for keys and output."""
+    path = record.get(key)
+    if not isinstance(path, str) or not path:
+        raise MedsslError(f"record {record.get('id')!r} has no {key!r} path")
+    source = record.get("source") or infer_source(path)
+    if source == "dicom":
+        return read_dicom_frame(path, record.get("frame"), window=window, percentiles=percentiles)
+    if source in ("nifti", "nrrd"):
+        mode = record.get("slice_mode") or slice_mode
+        return read_volume_slice(path, record.get("slice"), record.get("axis"), mode=mode, range_mode=volume_range)
+    if source == "image":
+        return read_image_file(path, range_mode=image_range)
+    if source == "npz":
+        if record.get("index") is None:
+            raise MedsslError("npz record needs an 'index'", path)
+        return read_npz_image(path, int(record["index"]), record.get("npz_split") or "train")
+    if source == "h5":
+        if record.get("index") is None:
+            raise MedsslError("h5 record needs an 'index'", path)
+        return read_h5_image(path, int(record["index"]), record.get("h5_key") or "x")
+    if source == "wsi":
+        if record.get("x") is None or record.get("y") is None:
+            raise MedsslError("wsi record needs tile coordinates 'x' and 'y'", path)
+        return read_wsi_tile(path, record["x"], record["y"], int(record.get("tile_size") or 224), int(record.get("level") or 0))
+    raise MedsslError(f"unknown source {source!r}: expected one of {', '.join(READ_SOURCES)}", path)
+
+
+class LoadRecordd(MapTransform):
+    """Read each key's image of a manifest record into a float32 ``(C, H, W)`` array in native units.
+
+    Args:
+        keys: record keys holding image paths (default ``("image",)``).
+        window: DICOM VOI choice (``auto``: VOI LUT, else window centre/width, else percentile window;
+            ``percentile``; ``minmax``).
+        percentiles: DICOM percentile window in %, default (0.5, 99.5).
+        image_range: PNG/JPEG/TIFF range (``dtype`` full range, ``minmax``, ``percentile``).
+        volume_range: NIfTI/NRRD per-volume range (``percentile`` of non-zero voxels, or ``minmax``).
+        slice_mode: volumes: ``2d`` one slice, ``2.5d`` three neighbouring slices as channels.
+        allow_missing_keys: skip keys absent from the record.
+
+    Adds ``f"{key}_range"`` = ``(low, high)`` for each key.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[Hashable] | Hashable = ("image",),
+        *,
+        window: WindowMode = "auto",
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        image_range: RangeMode = "dtype",
+        volume_range: VolumeRange = "percentile",
+        slice_mode: SliceMode = "2d",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.options = {
+            "window": window,
+            "percentiles": tuple(percentiles),
+            "image_range": image_range,
+            "volume_range": volume_range,
+            "slice_mode": slice_mode,
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            array, rng = read_record(out, str(key), **self.options)
+            out[key] = array
+            out[f"{key}_range"] = rng
+        return out

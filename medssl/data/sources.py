@@ -1,0 +1,124 @@
+"""Turn a path into manifest records: a ``.jsonl`` manifest, a MedMNIST ``.npz``, a whole-slide image, a
+NIfTI/NRRD volume, a single image, or a folder of images (one subfolder per class).
+
+Record ids are stable: a hash of the path relative to the folder given (plus the index inside the file for
+npz rows, volume slices and slide tiles), so the same data always gets the same ids wherever it is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.data.readers.image import IMAGE_SUFFIXES
+from medssl.data.readers.load import infer_source
+from medssl.data.readers.npz import NPZ_SPLITS, npz_split_info
+from medssl.data.readers.volume import ITK_SUFFIXES, load_ras_volume
+from medssl.data.readers.wsi import list_tile_records
+from medssl.errors import MedsslError
+
+FOLDER_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | {".dcm"}
+
+
+def stable_id(prefix: str, *parts: object) -> str:
+    """``prefix-<16 hex>``: SHA-256 of the parts joined by ``:`` (relative paths in POSIX form)."""
+    text = ":".join(str(p) for p in parts)
+    return f"{prefix}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+def _base_record(image: Path, source: str, rid: str, label: str | None = None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "image": str(image),
+        "frame": None,
+        "slice": None,
+        "axis": None,
+        "label": label,
+        "split": None,
+        "source": source,
+    }
+
+
+def records_from_npz(path: Path) -> list[dict[str, Any]]:
+    """One record per image of each split present in a MedMNIST npz (``index``, ``npz_split``, ``label``)."""
+    with np.load(path, allow_pickle=False) as npz:
+        splits = [s for s in NPZ_SPLITS if f"{s}_images" in npz.files]
+    if not splits:
+        raise MedsslError("npz has no '<split>_images' array (MedMNIST layout: train/val/test_images)", path)
+    records = []
+    for split in splits:
+        n, labels = npz_split_info(path, split)
+        for i in range(n):
+            rec = _base_record(path.resolve(), "npz", stable_id("npz", path.name, split, i))
+            label = None
+            if labels is not None:
+                value = labels[i]
+                label = str(int(value)) if np.ndim(value) == 0 else ",".join(str(int(v)) for v in np.ravel(value))
+            rec.update(label=label, split=split, index=i, npz_split=split)
+            records.append(rec)
+    return records
+
+
+def records_from_volume(path: Path, axis: int = 2) -> list[dict[str, Any]]:
+    """One record per non-empty slice of a volume along RAS ``axis`` (default 2, axial)."""
+    data, _ = load_ras_volume(os.fspath(path))
+    nonempty = np.flatnonzero(np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1).any(axis=1))
+    source = "nrrd" if path.name.lower().endswith(ITK_SUFFIXES) else "nifti"
+    records = []
+    for s in nonempty.tolist():
+        rec = _base_record(path.resolve(), source, stable_id("vol", path.name, axis, s))
+        rec.update(slice=int(s), axis=axis)
+        records.append(rec)
+    return records
+
+
+def records_from_folder(folder: Path) -> list[dict[str, Any]]:
+    """Records for every image below ``folder``: the first-level subfolder name is the label (None at the top)."""
+    records = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = Path(root) / name
+            if name.startswith(".") or p.suffix.lower() not in FOLDER_SUFFIXES:
+                continue
+            rel = p.relative_to(folder)
+            label = rel.parts[0] if len(rel.parts) > 1 else None
+            records.append(_base_record(p.resolve(), infer_source(name), stable_id("img", rel.as_posix()), label))
+    if not records:
+        raise MedsslError(f"no images found (looked for {', '.join(sorted(FOLDER_SUFFIXES))})", folder)
+    return records
+
+
+def records_from_path(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Manifest records for a path.
+
+    - ``*.jsonl``: the manifest, validated (:func:`medssl.data.manifest.read_manifest`);
+    - ``*.npz``: MedMNIST arrays, one record per image (``source="npz"``, ``index``, ``npz_split``);
+    - ``*.svs`` (and other slide formats): tissue tiles of 224 px at level 0;
+    - ``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.mha``: one record per non-empty axial slice;
+    - an image file: one record; a folder: every image below it, labelled by first-level subfolder.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise MedsslError("path not found", p)
+    if p.is_dir():
+        return records_from_folder(p)
+    name = p.name.lower()
+    if name.endswith(".jsonl"):
+        from medssl.data.manifest import read_manifest
+
+        return read_manifest(p)
+    source = infer_source(name)
+    if source == "npz":
+        return records_from_npz(p)
+    if source == "wsi":
+        return list_tile_records(p)
+    if source in ("nifti", "nrrd"):
+        return records_from_volume(p)
+    if source == "h5":
+        raise MedsslError("HDF5 patch files need their dataset adapter (medssl.data.adapters.pcam)", p)
+    return [_base_record(p.resolve(), source, stable_id("img", p.name))]

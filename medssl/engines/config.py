@@ -1,0 +1,174 @@
+"""``PretrainConfig``: every knob of a pretraining run, with paper defaults (DESIGN.md §5).
+
+A config is first filled by the user (CLI, bundle or Python), then :meth:`PretrainConfig.resolve` replaces
+the ``None`` "method default" values by the method's published settings and records the result in
+``RUN_DIR/config.json``, so a run is reproducible from that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medssl.errors import MedsslError
+
+METHODS = ("simclr", "swav", "byol", "simsiam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: per-method optimisation defaults from the papers: optimizer, lr per 256 images, weight decay, warmup epochs
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simclr": {"optimizer": "lars", "lr_per_256": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10},
+    "swav": {"optimizer": "lars", "lr_per_256": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10},
+    "byol": {"optimizer": "lars", "lr_per_256": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 10},
+    "simsiam": {"optimizer": "sgd", "lr_per_256": 0.05, "weight_decay": 1e-4, "warmup_epochs": 0},
+}
+
+
+@dataclass
+class PretrainConfig:
+    """All settings of one pretraining run.
+
+    Data: ``data`` (manifest .jsonl or image folder), ``modality`` (transform preset), ``image_size`` (px),
+    ``knn_data`` (labelled folder/manifest for the kNN monitor; None = labelled records of ``data``).
+    Model: ``method``, ``init`` (``"random"`` or a checkpoint path), ``arch`` (None = the checkpoint's,
+    ``resnet50`` for random init), ``norm`` (``keep``|``bn``), ``scale_frobenius``, ``dead_filters``
+    (``copy``|``random``|``none``), ``use_checkpoint_heads``, ``trust`` (allow pickles), ``small_stem``,
+    ``widen_factor``, ``method_options`` (passed to ``build_method``, e.g. temperature, head sizes).
+    Schedule: ``epochs`` or ``iterations`` (optimizer steps; ``iterations`` wins), ``batch_size`` (images per
+    optimizer step and process), ``accumulate`` (micro-batches per step: each forward sees
+    ``batch_size // accumulate`` images), ``lr`` (None = ``lr_per_256 * batch_size * world_size / 256``),
+    ``optimizer``, ``weight_decay``, ``momentum``, ``lars_eta``, ``warmup_epochs`` (None = paper value,
+    clipped to a tenth of the run), ``final_lr``.
+    Runtime: ``precision`` (``fp32``|``bf16``|``fp16``; AMP only on CUDA), ``channels_last``, ``compile``,
+    ``workers``, ``seed``, ``device`` (None = cuda when available), ``sync_bn``.
+    Monitoring: ``knn_every`` (epochs, 0 = off), ``knn_k``, ``knn_temperature``, ``knn_max_images``,
+    ``collapse_threshold`` (warn when the mean per-dimension std of normalised embeddings falls below this
+    fraction of 1/sqrt(D)), ``log_every`` (iterations between TensorBoard/metrics.jsonl lines).
+    Checkpoints: ``checkpoint_every`` (iterations, 0 = off), ``checkpoint_every_epochs`` (0 = off),
+    ``keep_checkpoints`` (last K kept), ``stop_after`` (end this invocation after that many total steps
+    with a checkpoint, keeping the schedule of the full run; continue with ``--resume``).
+    """
+
+    data: str = ""
+    out: str = ""
+    method: str = "simclr"
+    init: str = "random"
+    arch: str | None = None
+    norm: str = "keep"
+    scale_frobenius: bool = False
+    dead_filters: str = "none"
+    use_checkpoint_heads: bool = False
+    trust: bool = False
+    small_stem: bool = False
+    widen_factor: float = 1.0
+    method_options: dict[str, Any] = field(default_factory=dict)
+    modality: str = "generic"
+    image_size: int = 224
+    knn_data: str | None = None
+    epochs: int = 100
+    iterations: int | None = None
+    batch_size: int = 128
+    accumulate: int = 1
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    lars_eta: float = 1e-3
+    warmup_epochs: float | None = None
+    final_lr: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 4
+    seed: int = 0
+    device: str | None = None
+    sync_bn: bool = False
+    knn_every: int = 1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_images: int = 5000
+    collapse_threshold: float = 0.2
+    log_every: int = 1
+    checkpoint_every: int = 0
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 3
+    stop_after: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`MedsslError` for values that cannot work."""
+        if self.method not in METHODS:
+            raise MedsslError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise MedsslError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.norm not in ("keep", "bn"):
+            raise MedsslError(f"--norm must be keep or bn, not {self.norm!r}")
+        if self.dead_filters not in ("copy", "random", "none"):
+            raise MedsslError(f"--dead-filters must be copy, random or none, not {self.dead_filters!r}")
+        if self.batch_size < 2:
+            raise MedsslError("batch size must be at least 2 (BatchNorm and contrastive losses need pairs)")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise MedsslError(f"batch size {self.batch_size} must be a multiple of --accumulate {self.accumulate}")
+        if self.iterations is not None and self.iterations < 1:
+            raise MedsslError("--iterations must be positive")
+        if self.iterations is None and self.epochs < 1:
+            raise MedsslError("--epochs must be positive")
+        if self.image_size < 8:
+            raise MedsslError("--image-size must be at least 8 pixels")
+
+    def resolve(self, *, steps_per_epoch: int, world_size: int = 1) -> PretrainConfig:
+        """Copy with every method default filled in.
+
+        Args:
+            steps_per_epoch: optimizer steps per epoch (images // (batch_size * world_size)).
+            world_size: number of processes (the default lr scales with the global batch).
+        """
+        self.validate()
+        defaults = METHOD_DEFAULTS[self.method]
+        total = self.iterations if self.iterations is not None else self.epochs * steps_per_epoch
+        warmup = self.warmup_epochs
+        if warmup is None:
+            # paper warmup, but never more than a tenth of a short run
+            warmup = min(float(defaults["warmup_epochs"]), 0.1 * total / max(steps_per_epoch, 1))
+        return dataclasses.replace(
+            self,
+            arch=self.arch,
+            optimizer=(self.optimizer or defaults["optimizer"]).lower(),
+            lr=self.lr if self.lr is not None else defaults["lr_per_256"] * self.batch_size * world_size / 256,
+            weight_decay=self.weight_decay if self.weight_decay is not None else defaults["weight_decay"],
+            warmup_epochs=warmup,
+            iterations=total,
+            epochs=math.ceil(total / max(steps_per_epoch, 1)),
+        )
+
+    def warmup_iterations(self, steps_per_epoch: int) -> int:
+        """Warmup length in optimizer steps (``warmup_epochs * steps_per_epoch``, rounded)."""
+        return int(round((self.warmup_epochs or 0.0) * steps_per_epoch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], path: str | Path | None = None) -> PretrainConfig:
+        """Build from a dict (e.g. config.json); unknown keys raise :class:`MedsslError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise MedsslError(f"unknown pretraining settings: {', '.join(unknown)}", path)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PretrainConfig:
+        """Read a ``config.json`` written by a run."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise MedsslError("no config.json: not a medssl pretraining run folder", path) from exc
+        except json.JSONDecodeError as exc:
+            raise MedsslError(f"config.json is not valid JSON ({exc})", path) from exc
+        if not isinstance(values, dict):
+            raise MedsslError("config.json must hold a JSON object", path)
+        return cls.from_dict(values, path)

@@ -1,0 +1,248 @@
+"""Ignite handlers of a pretraining run: metrics.jsonl, TensorBoard, progress bar, kNN and collapse monitors,
+and the non-finite loss guard.
+
+Only rank 0 writes files; every handler here is attached by :mod:`medssl.engines.run` on rank 0 only, except
+the kNN monitor whose feature extraction runs on every rank's share when distributed (rank 0 reports).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from medssl.engines.knn import extract_features, weighted_knn_predict
+from medssl.errors import MedsslError
+from medssl.io import atomic_write_text
+
+logger = logging.getLogger("medssl.engines.handlers")
+
+#: keys of the per-iteration engine output written to metrics.jsonl / TensorBoard when present
+SCALAR_KEYS = ("loss", "lr", "tau", "collapse_std")
+
+
+class NonFiniteLossError(MedsslError):
+    """The loss became NaN or infinite; the run stopped before applying the step."""
+
+
+def check_finite_loss(loss: torch.Tensor, *, iteration: int, epoch: int, last_checkpoint: Path | None) -> None:
+    """Raise :class:`NonFiniteLossError` naming the iteration when ``loss`` is NaN or +-Inf.
+
+    Called before ``backward``/``optimizer.step``, so the weights in memory and on disk stay finite.
+    """
+    value = float(loss.detach().float())
+    if math.isfinite(value):
+        return
+    where = (f"the last good checkpoint {last_checkpoint} is untouched; continue from it with --resume "
+             "(after lowering the learning rate or using fp32/bf16)") if last_checkpoint else \
+        "no checkpoint had been written yet"
+    raise NonFiniteLossError(f"loss is {value} at iteration {iteration} (epoch {epoch}); training stopped "
+                             f"before updating the weights; {where}")
+
+
+def collapse_statistic(embeddings: torch.Tensor) -> float:
+    """Mean over dimensions of the batch std of L2-normalised embeddings (SimSiam paper, Fig. 2).
+
+    For embeddings (N, D): about ``1/sqrt(D)`` when they spread over the sphere, 0 when collapsed to one
+    point. Uses the unbiased std (``torch.std``), like the SimSiam paper's monitor.
+    """
+    z = F.normalize(embeddings.detach().float().flatten(1), dim=1)
+    return float(z.std(dim=0).mean())
+
+
+class CollapseMonitor:
+    """Flag collapse: warn when :func:`collapse_statistic` < ``threshold / sqrt(D)``.
+
+    Args:
+        threshold: fraction of the healthy value ``1/sqrt(D)`` below which a warning is logged (default 0.2).
+        sink: called with a dict ``{"iteration", "epoch", "warning": "collapse", "collapse_std",
+            "healthy_std"}`` for every flagged iteration (metrics.jsonl).
+    """
+
+    def __init__(self, threshold: float = 0.2, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.threshold = threshold
+        self.sink = sink
+        self.flags: list[dict[str, Any]] = []
+
+    def update(self, embeddings: torch.Tensor, *, iteration: int, epoch: int) -> float:
+        """Compute the statistic for one batch; record and log a warning when it is below the threshold."""
+        value = collapse_statistic(embeddings)
+        healthy = 1.0 / math.sqrt(embeddings.shape[1])
+        if value < self.threshold * healthy:
+            event = {"iteration": iteration, "epoch": epoch, "warning": "collapse", "collapse_std": value,
+                     "healthy_std": healthy}
+            if not self.flags or self.flags[-1]["iteration"] < iteration - 1:
+                logger.warning("possible collapse at iteration %d: embedding std %.3g (healthy about %.3g)",
+                               iteration, value, healthy)
+            self.flags.append(event)
+            if self.sink is not None:
+                self.sink(event)
+        return value
+
+
+class MetricsJsonl:
+    """Append JSON lines to ``RUN_DIR/metrics.jsonl`` (one object per event, docs/architecture.md)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop lines logged after ``iteration`` (a resumed run re-does those steps)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("iteration", 0)) <= iteration:
+                    kept.append(line)
+            except (json.JSONDecodeError, ValueError, TypeError, AttributeError):
+                continue
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+
+def attach_iteration_logging(engine: Engine, metrics: MetricsJsonl, every: int = 1) -> None:
+    """Write ``{"iteration", "epoch", "loss", "lr", "tau", ...}`` to metrics.jsonl every ``every`` steps."""
+
+    @engine.on(Events.ITERATION_COMPLETED(every=max(1, every)))
+    def _log(eng: Engine) -> None:
+        out = eng.state.output or {}
+        record: dict[str, Any] = {"iteration": eng.state.iteration, "epoch": eng.state.epoch}
+        record.update({k: float(out[k]) for k in SCALAR_KEYS if out.get(k) is not None})
+        record.setdefault("tau", None)
+        metrics.write(record)
+
+
+def attach_tensorboard(engine: Engine, log_dir: str | Path, every: int = 1) -> Any:
+    """Log loss, lr, tau and the collapse statistic to TensorBoard under ``train/``; returns the logger."""
+    from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+
+    tb = TensorboardLogger(log_dir=str(log_dir))
+    tb.attach(
+        engine,
+        log_handler=OutputHandler(
+            tag="train",
+            output_transform=lambda out: {k: float(out[k]) for k in SCALAR_KEYS if out.get(k) is not None},
+        ),
+        event_name=Events.ITERATION_COMPLETED(every=max(1, every)),
+    )
+    return tb
+
+
+def attach_progress_bar(engine: Engine) -> None:
+    """A tqdm progress bar (stderr) showing the loss."""
+    from ignite.handlers import ProgressBar
+
+    ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": float(out["loss"])})
+
+
+class _Featurizer(nn.Module):
+    """Input normalisation followed by the backbone's pooled features."""
+
+    def __init__(self, backbone: nn.Module, normalization: nn.Module, channels_last: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.normalization = normalization
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalization(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone.forward_features(x)
+
+
+class KnnMonitor:
+    """Weighted-kNN balanced accuracy of the backbone's features on a labelled reference/query pair.
+
+    Args:
+        backbone: the network being trained (put in eval mode during extraction, then restored).
+        normalization: the run's :class:`~medssl.models.InputNormalization`.
+        reference_loader, query_loader: yield ``{"image": (N,3,H,W), "label": (N,) int}``.
+        num_classes: number of classes.
+        device: where to run.
+        k, temperature: kNN settings (default 20, 0.07).
+        channels_last: feed channels-last tensors like the training step.
+    """
+
+    def __init__(self, backbone: nn.Module, normalization: nn.Module, reference_loader: Any, query_loader: Any,
+                 *, num_classes: int, device: torch.device, k: int = 20, temperature: float = 0.07,
+                 channels_last: bool = False) -> None:
+        self.featurizer = _Featurizer(backbone, normalization, channels_last)
+        self.reference_loader = reference_loader
+        self.query_loader = query_loader
+        self.num_classes = num_classes
+        self.device = device
+        self.k = k
+        self.temperature = temperature
+
+    def __call__(self) -> float:
+        """Balanced accuracy (sklearn ``balanced_accuracy_score``) of the kNN predictions on the queries."""
+        was_training = self.featurizer.backbone.training
+        ref_x, ref_y = extract_features(self.featurizer, self.reference_loader, self.device)
+        qry_x, qry_y = extract_features(self.featurizer, self.query_loader, self.device)
+        if self.featurizer.backbone.training != was_training:  # extract_features restores it; keep it explicit
+            self.featurizer.backbone.train(was_training)
+        pred, _ = weighted_knn_predict(ref_x, ref_y, qry_x, k=self.k, temperature=self.temperature,
+                                       num_classes=self.num_classes)
+        return float(balanced_accuracy_score(qry_y.numpy(), pred.numpy()))
+
+
+def attach_knn_monitor(engine: Engine, monitor: KnnMonitor, *, every_epochs: int, max_iterations: int,
+                       sinks: Sequence[Callable[[dict[str, Any]], None]]) -> None:
+    """Run ``monitor`` every ``every_epochs`` epochs and at the end of the run; send the result to ``sinks``."""
+    done: set[int] = set()
+
+    def _run(eng: Engine) -> None:
+        if eng.state.iteration in done:
+            return
+        done.add(eng.state.iteration)
+        value = monitor()
+        record = {"iteration": eng.state.iteration, "epoch": eng.state.epoch, "knn_balanced_accuracy": value}
+        logger.info("kNN balanced accuracy at iteration %d: %.4f", eng.state.iteration, value)
+        for sink in sinks:
+            sink(record)
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=max(1, every_epochs)), _run)
+
+    @engine.on(Events.COMPLETED)
+    def _final(eng: Engine) -> None:
+        if eng.state.iteration >= max_iterations:
+            _run(eng)
+
+
+def label_index(labels: Sequence[str]) -> dict[str, int]:
+    """Map label strings to class indices 0..K-1 in sorted order."""
+    return {name: i for i, name in enumerate(sorted(set(labels)))}
+
+
+def split_reference_query(records: Sequence[dict[str, Any]], seed: int) -> tuple[list[dict], list[dict]]:
+    """Reference (kNN memory) and query records of a labelled set.
+
+    Records with ``split == "val"`` are the queries when there are any (test records are never used);
+    otherwise a stratified 80/20 split with ``seed`` (scikit-learn ``train_test_split``).
+    """
+    from sklearn.model_selection import train_test_split
+
+    usable = [r for r in records if r.get("label") is not None and r.get("split") != "test"]
+    queries = [r for r in usable if r.get("split") == "val"]
+    if queries:
+        return [r for r in usable if r.get("split") != "val"], queries
+    labels = [str(r["label"]) for r in usable]
+    counts = np.unique(labels, return_counts=True)[1] if labels else np.array([0])
+    stratify = labels if counts.min() >= 2 else None
+    ref, qry = train_test_split(usable, test_size=0.2, random_state=seed, stratify=stratify)
+    return list(ref), list(qry)

@@ -1,0 +1,353 @@
+"""``run_pretraining(config) -> RUN_DIR``: build data, model, method, optimizer and handlers, then train.
+
+Run folder: ``config.json`` (resolved), ``checkpoints/``, ``tb/``, ``metrics.jsonl``, and at the end
+``backbone.safetensors`` (a medssl file with the heads and the provenance of the run). Several processes
+(``torchrun``) go through ``ignite.distributed.Parallel``; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medssl.engines.checkpoint import (
+    build_checkpoint_state,
+    latest_checkpoint,
+    load_checkpoint_file,
+    restore_training_state,
+    save_checkpoint,
+)
+from medssl.engines.config import PretrainConfig
+from medssl.engines.handlers import (
+    CollapseMonitor,
+    KnnMonitor,
+    MetricsJsonl,
+    attach_iteration_logging,
+    attach_knn_monitor,
+    attach_progress_bar,
+    attach_tensorboard,
+    label_index,
+    split_reference_query,
+)
+from medssl.engines.optim import build_optimizer
+from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, collate_views
+from medssl.engines.schedules import WarmupCosineSchedule
+from medssl.engines.trainer import PretrainingTrainer
+from medssl.errors import MedsslError
+from medssl.io import atomic_write_json
+
+logger = logging.getLogger("medssl.engines.run")
+
+
+def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """Pretrain as ``config`` says and return the run folder.
+
+    Args:
+        config: the run's settings (``config.out`` is RUN_DIR). With ``resume=True`` only ``out`` and the
+            optional ``iterations`` / ``stop_after`` override matter; the rest is read from RUN_DIR/config.json.
+        resume: continue the run in ``config.out`` from its newest checkpoint.
+        overwrite: allow a non-empty RUN_DIR for a new run (its old checkpoints and logs are removed).
+        progress: show a tqdm progress bar on rank 0.
+
+    Raises:
+        MedsslError: non-empty RUN_DIR without resume/overwrite, nothing to resume, bad data, NaN loss.
+    """
+    run_dir = Path(config.out)
+    if not config.out:
+        raise MedsslError("no output folder given (--out RUN_DIR)")
+    if resume:
+        saved = PretrainConfig.from_json(run_dir / "config.json")
+        changes: dict[str, Any] = {"out": str(run_dir), "stop_after": config.stop_after}
+        if config.iterations is not None and config.iterations != saved.iterations:
+            changes["iterations"] = config.iterations
+        config = dataclasses.replace(saved, **changes)
+        if latest_checkpoint(run_dir) is None:
+            raise MedsslError("no checkpoint to resume from in checkpoints/", run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise MedsslError("output folder is not empty; use --resume to continue it or --overwrite", run_dir)
+        _clear_run_outputs(run_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
+    with idist.Parallel(backend=backend) as parallel:
+        parallel.run(_train, config, resume, progress)
+    return run_dir
+
+
+def _clear_run_outputs(run_dir: Path) -> None:
+    for name in ("metrics.jsonl", "config.json", "backbone.safetensors"):
+        (run_dir / name).unlink(missing_ok=True)
+    for sub in ("checkpoints", "tb"):
+        folder = run_dir / sub
+        if folder.is_dir():
+            for p in sorted(folder.rglob("*"), reverse=True):
+                p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
+            folder.rmdir()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_pretraining_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records used for SSL: the ``pretrain`` split when the data has one, else all but ``val``/``test``."""
+    if any(r.get("split") == "pretrain" for r in records):
+        return [r for r in records if r.get("split") == "pretrain"]
+    return [r for r in records if r.get("split") not in ("val", "test")]
+
+
+def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], dict | None, list[dict], dict]:
+    """Backbone, input-normalisation spec, imported heads (or None), preparation reports, source record."""
+    from medssl.models import IMAGENET_NORMALIZATION, build_backbone
+
+    extra: dict[str, Any] = {}
+    if config.small_stem:
+        extra["small_stem"] = True
+    if config.widen_factor != 1.0:
+        extra["widen_factor"] = config.widen_factor
+    heads = None
+    if config.init == "random":
+        arch = config.arch or "resnet50"
+        if arch.startswith("resnetv2") and config.norm == "bn":
+            extra["norm"] = "bn"
+        backbone = build_backbone(arch, **extra)
+        spec = dict(IMAGENET_NORMALIZATION)
+        source = {"format": "random_init"}
+    else:
+        from medssl.weights import build_from_checkpoint, sha256_of
+
+        backbone, loaded = build_from_checkpoint(config.init, trust=config.trust, arch=config.arch, num_classes=0,
+                                                 **extra)
+        spec = dict(loaded.input_normalization)
+        heads = loaded.heads if config.use_checkpoint_heads else None
+        source = {"format": loaded.format, "file": Path(config.init).name, "sha256": sha256_of(config.init)}
+    reports: list[dict] = []
+    wants_prep = (config.norm == "bn" and config.init != "random") or config.scale_frobenius or \
+        config.dead_filters != "none"
+    if wants_prep:
+        from medssl.weights.prepare import prepare_backbone
+
+        reports = prepare_backbone(backbone, norm=config.norm if config.init != "random" else "keep",
+                                   scale_frobenius=config.scale_frobenius, dead_filters=config.dead_filters,
+                                   seed=config.seed)
+    return backbone.train(), spec, heads, reports, source
+
+
+def _labelled_loaders(config: PretrainConfig, records: list[dict[str, Any]]) -> tuple[Any, Any, int] | None:
+    """kNN reference/query loaders (eval transform) or None when there are not two labelled classes."""
+    from medssl.data.sources import records_from_path
+    from medssl.transforms.presets import build_eval_transform
+
+    labelled = records_from_path(config.knn_data) if config.knn_data else records
+    labelled = [r for r in labelled if r.get("label") is not None]
+    if len({str(r["label"]) for r in labelled}) < 2 or len(labelled) < 5:
+        logger.warning("kNN monitor off: fewer than two labelled classes or five labelled images")
+        return None
+    if len(labelled) > config.knn_max_images:
+        keep = np.random.default_rng(config.seed).choice(len(labelled), config.knn_max_images, replace=False)
+        labelled = [labelled[i] for i in sorted(keep)]
+    ref, qry = split_reference_query(labelled, config.seed)
+    classes = label_index([str(r["label"]) for r in labelled])
+    transform = build_eval_transform(config.modality, config.image_size)
+
+    def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),
+                "label": torch.tensor([classes[str(s["label"])] for s in samples])}
+
+    def loader(recs: list[dict[str, Any]]) -> DataLoader:
+        ds = SeededSampleDataset(recs, transform, seed=config.seed)
+        return DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=config.workers,
+                          collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
+
+    return loader(ref), loader(qry), len(classes)
+
+
+def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool) -> None:
+    from medssl.data.sources import records_from_path
+    from medssl.methods import HEAD_NAMES, build_method
+    from medssl.models import InputNormalization
+    from medssl.transforms.presets import build_ssl_transform
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    device = torch.device(config.device) if config.device else idist.device()
+    run_dir = Path(config.out)
+    records = select_pretraining_records(records_from_path(config.data))
+    if not records:
+        raise MedsslError("no images to pretrain on", config.data)
+    steps_per_epoch = len(records) // (config.batch_size * world)
+    if steps_per_epoch < 1:
+        raise MedsslError(f"{len(records)} images are fewer than one batch of {config.batch_size * world}",
+                          config.data)
+    if not resume:
+        config = config.resolve(steps_per_epoch=steps_per_epoch, world_size=world)
+    _seed_everything(config.seed)  # identical initialisation on every rank
+    backbone, spec, heads, reports, source = _build_backbone(config)
+    method_opts = dict(config.method_options)
+    if heads:
+        method_opts.update(heads=heads, heads_source=str(config.init))
+    method = build_method(config.method, backbone, **method_opts)
+    if config.sync_bn and world > 1:
+        from medssl.weights.norm import convert_to_sync_bn
+
+        method = convert_to_sync_bn(method)
+    method = method.to(device)
+    if config.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    normalization = InputNormalization.from_spec(spec).to(device)
+    optimizer = build_optimizer(config.optimizer or "sgd", method.param_groups(config.weight_decay, config.lr),
+                                lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
+                                eta=config.lars_eta)
+    max_iterations = int(config.iterations)
+    schedule = WarmupCosineSchedule(optimizer, base_lr=config.lr, max_iterations=max_iterations,
+                                    warmup_iterations=config.warmup_iterations(steps_per_epoch),
+                                    final_lr=config.final_lr)
+    start = 0
+    state = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint_file(ckpt)
+        start = int(state["iteration"])
+        logger.info("resuming %s from iteration %d", run_dir, start)
+    _seed_everything(config.seed + rank)  # per-rank randomness from here on
+    transform = build_ssl_transform(config.modality, config.image_size, **_view_options(config, method))
+    sampler = StepBatchSampler(len(records), config.batch_size, max_iterations, seed=config.seed, rank=rank,
+                               world_size=world, start_step=start)
+    loader = DataLoader(SeededSampleDataset(records, transform, seed=config.seed), batch_sampler=sampler,
+                        num_workers=config.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(config.seed))
+    network: nn.Module = method
+    if world > 1:
+        network = idist.auto_model(method, sync_bn=False, find_unused_parameters=config.method == "swav")
+    if config.compile:
+        network = torch.compile(network)
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl") if rank == 0 else None
+    collapse = CollapseMonitor(config.collapse_threshold, sink=metrics.write if metrics else None)
+    trainer = PretrainingTrainer(
+        method=method, optimizer=optimizer, schedule=schedule, normalization=normalization, data_loader=loader,
+        max_iterations=max_iterations, epoch_length=steps_per_epoch, device=device, precision=config.precision,
+        channels_last=config.channels_last, accumulate=config.accumulate, network=network,
+        collapse_monitor=collapse, last_checkpoint=lambda: latest_checkpoint(run_dir))
+    if state is not None:
+        restore_training_state(state, method=method, optimizer=optimizer, scaler=trainer.grad_scaler,
+                               schedule=schedule)
+        trainer.state.iteration = start
+        trainer.state.epoch = start // steps_per_epoch
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+        if resume:
+            metrics.truncate_after(start)
+    _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank, progress,
+                     spec=spec, reports=reports, source=source, head_names=HEAD_NAMES)
+    trainer.run()
+
+
+def _view_options(config: PretrainConfig, method: nn.Module) -> dict[str, Any]:
+    """Keyword arguments of ``build_ssl_transform`` for the method's number of views."""
+    views = int(getattr(method, "views_required", 2))
+    if config.method == "swav" and views > 2:
+        local_size = int(config.method_options.get("local_crop_size", max(8, round(config.image_size * 96 / 224))))
+        return {"num_views": 2, "multicrop": {"num_local": views - 2, "local_size": local_size}}
+    return {"num_views": views}
+
+
+def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
+                     normalization: nn.Module, records: list[dict[str, Any]], device: torch.device, run_dir: Path,
+                     metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict, reports: list[dict],
+                     source: dict, head_names: tuple[str, ...]) -> None:
+    from ignite.engine import Events
+
+    max_iterations = trainer.max_iterations
+    saved: set[int] = set()
+
+    def save(engine: Any) -> None:
+        it = engine.state.iteration
+        if rank != 0 or it in saved:
+            return
+        saved.add(it)
+        save_checkpoint(run_dir, build_checkpoint_state(
+            iteration=it, epoch=engine.state.epoch, method=method, optimizer=trainer.optimizer,
+            scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict()),
+            keep_last=config.keep_checkpoints)
+
+    if config.checkpoint_every > 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config.checkpoint_every), save)
+    if config.checkpoint_every_epochs > 0:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=config.checkpoint_every_epochs), save)
+    if config.stop_after is not None:
+
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def _stop(engine: Any) -> None:
+            if engine.state.iteration >= config.stop_after:
+                save(engine)
+                engine.terminate()
+
+    knn = _labelled_loaders(config, records) if config.knn_every > 0 else None
+    if knn is not None:
+        ref, qry, num_classes = knn
+        monitor = KnnMonitor(method.backbone, normalization, ref, qry, num_classes=num_classes, device=device,
+                             k=config.knn_k, temperature=config.knn_temperature,
+                             channels_last=config.channels_last)
+        sinks = []
+        if metrics is not None:
+            sinks.append(metrics.write)
+        attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=max_iterations,
+                           sinks=sinks)
+    if rank != 0:
+        return
+    attach_iteration_logging(trainer, metrics, every=config.log_every)
+    tb = attach_tensorboard(trainer, run_dir / "tb", every=config.log_every)
+    if knn is not None:
+        def tb_sink(record: dict[str, Any]) -> None:
+            tb.writer.add_scalar("knn/balanced_accuracy", record["knn_balanced_accuracy"], record["iteration"])
+        sinks.append(tb_sink)
+    if progress:
+        attach_progress_bar(trainer)
+
+    @trainer.on(Events.COMPLETED)
+    def _finish(engine: Any) -> None:
+        if engine.state.iteration < max_iterations:
+            tb.close()
+            return
+        save(engine)
+        _write_backbone(run_dir, config, method, spec=spec, reports=reports, source=source,
+                        head_names=head_names, iteration=engine.state.iteration)
+        tb.close()
+
+
+def _write_backbone(run_dir: Path, config: PretrainConfig, method: nn.Module, *, spec: dict, reports: list[dict],
+                    source: dict, head_names: tuple[str, ...], iteration: int) -> None:
+    """``RUN_DIR/backbone.safetensors``: backbone + heads + provenance of the run."""
+    from medssl.weights import save_medssl_file
+
+    backbone = method.backbone
+
+    def plain(module: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    heads = {name: plain(getattr(method, name)) for name in head_names
+             if isinstance(getattr(method, name, None), nn.Module)}
+    provenance = {
+        **source,
+        "operations": reports,
+        "pretraining": {"method": config.method, "iterations": iteration, "epochs": config.epochs,
+                        "batch_size": config.batch_size, "image_size": config.image_size, "lr": config.lr,
+                        "optimizer": config.optimizer, "seed": config.seed, "modality": config.modality,
+                        "data": Path(config.data).name},
+    }
+    save_medssl_file(run_dir / "backbone.safetensors", plain(backbone), arch=backbone.arch,
+                     arch_kwargs=backbone.arch_kwargs, heads=heads, input_normalization=spec,
+                     provenance=provenance)

@@ -1,0 +1,139 @@
+"""The pretraining trainer: a ``monai.engines.Trainer`` whose iteration is one SSL optimizer step.
+
+Per step (Ignite iteration ``t``, 1-based, covering optimizer step ``t - 1`` of the lr schedule):
+
+1. set the learning rate of every param group (warmup + cosine, fixed-lr groups untouched);
+2. for each of ``accumulate`` micro-batches: views -> device (channels_last if asked) -> InputNormalization ->
+   method -> loss / accumulate -> non-finite guard -> backward (through a GradScaler for fp16);
+3. ``method.on_before_optimizer_step(t)``, optimizer step, ``method.on_after_optimizer_step(t, T)`` (EMA tau,
+   prototype normalisation); the returned scalars are logged.
+
+AMP runs only on CUDA (bf16 autocast, or fp16 autocast with ``torch.amp.GradScaler``); on CPU the step is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from torch import nn
+
+from medssl.engines.handlers import CollapseMonitor, check_finite_loss
+
+logger = logging.getLogger("medssl.engines.trainer")
+
+
+class PretrainingTrainer(Trainer):
+    """MONAI trainer running SSL steps for a fixed number of optimizer steps.
+
+    Args:
+        method: the SSL method (``medssl.methods.SSLMethod``), already on ``device``.
+        optimizer: optimizer over ``method.param_groups(...)``.
+        schedule: :class:`~medssl.engines.schedules.WarmupCosineSchedule`.
+        normalization: input normalisation applied to every view (on ``device``).
+        data_loader: yields ``{"views": [Tensor(B, C, H, W)] * V}``.
+        max_iterations: optimizer steps of the whole run.
+        epoch_length: optimizer steps per epoch.
+        device: training device.
+        precision: ``fp32`` | ``bf16`` | ``fp16`` (AMP on CUDA only).
+        channels_last: convert views to channels-last memory format.
+        accumulate: micro-batches per optimizer step.
+        network: what to call for the forward pass (``method`` itself, its DDP wrapper or a compiled
+            version); the hooks are always called on ``method``.
+        collapse_monitor: optional :class:`CollapseMonitor` fed with the first micro-batch's embeddings.
+        last_checkpoint: callable returning the newest checkpoint path (named in non-finite loss errors).
+    """
+
+    def __init__(self, *, method: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                 normalization: nn.Module, data_loader: Any, max_iterations: int, epoch_length: int,
+                 device: torch.device, precision: str = "fp32", channels_last: bool = False, accumulate: int = 1,
+                 network: nn.Module | None = None, collapse_monitor: CollapseMonitor | None = None,
+                 last_checkpoint: Callable[[], Path | None] | None = None) -> None:
+        super().__init__(device=device, max_epochs=-(-max_iterations // epoch_length), data_loader=data_loader,
+                         epoch_length=epoch_length, decollate=False, amp=False)
+        self.method = method
+        self.network = network if network is not None else method
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.normalization = normalization
+        self.max_iterations = max_iterations
+        self.channels_last = channels_last
+        self.accumulate = accumulate
+        self.collapse_monitor = collapse_monitor
+        self.last_checkpoint = last_checkpoint or (lambda: None)
+        cuda = torch.device(device).type == "cuda"
+        if precision != "fp32" and not cuda:
+            logger.warning("precision %s needs CUDA; running in fp32 on %s", precision, device)
+            precision = "fp32"
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run (or continue, when ``state.iteration`` was restored) until ``max_iterations`` steps."""
+        self.state.max_epochs = None
+        self.state.max_iters = self.max_iterations
+        if self.state.iteration >= self.max_iterations:
+            logger.info("run already finished (%d steps)", self.state.iteration)
+            return
+        from ignite.engine import Engine
+
+        Engine.run(self, data=self.data_loader)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _prepare_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for v in views:
+            v = v.to(self.state.device, non_blocking=True)
+            v = self.normalization(v)
+            if self.channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out.append(v)
+        return out
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        iteration = engine.state.iteration  # 1-based optimizer step
+        epoch = engine.state.epoch
+        lr = self.schedule.step(iteration - 1)
+        views = batchdata["views"]
+        chunks = [list(vs) for vs in zip(*(v.chunk(self.accumulate) for v in views))]
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        embeddings = None
+        for i, chunk in enumerate(chunks):
+            sync = i == len(chunks) - 1 or not hasattr(self.network, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.network.no_sync()
+            with ctx:
+                with self._autocast():
+                    out = self.network(self._prepare_views(chunk))
+                loss = out["loss"].float()
+                check_finite_loss(loss, iteration=iteration, epoch=epoch, last_checkpoint=self.last_checkpoint())
+                scaled = loss / len(chunks)
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            total_loss += float(loss.detach()) / len(chunks)
+            if embeddings is None:
+                embeddings = out.get("embeddings")
+        self.method.on_before_optimizer_step(iteration)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        logs = self.method.on_after_optimizer_step(iteration, self.max_iterations) or {}
+        output: dict[str, Any] = {"loss": total_loss, "lr": lr}
+        output.update({k: float(v) for k, v in logs.items()})
+        if embeddings is not None and self.collapse_monitor is not None:
+            output["collapse_std"] = self.collapse_monitor.update(embeddings, iteration=iteration, epoch=epoch)
+        return output

@@ -1,0 +1,148 @@
+"""``predictions.csv``: one row per (test image, trial, label fraction), and the summaries computed from it.
+
+Columns: ``id`` (pseudonymous record id), ``split``, ``trial``, ``fraction``, ``true_label``,
+``predicted_label``, then ``prob_<class>`` for every class in class-index order. No paths, no patient data.
+Every number of report.md is derived from this file by :func:`summarize_predictions` (plus the bootstrap
+settings of results.json), so a reader can recompute it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medssl.errors import MedsslError
+from medssl.evaluation.bootstrap import bootstrap_ci
+from medssl.evaluation.metrics import classification_metrics, confusion_matrix
+from medssl.io import atomic_open
+
+BASE_COLUMNS = ("id", "split", "trial", "fraction", "true_label", "predicted_label")
+
+SUMMARY_DEFINITIONS = {
+    "mean": "arithmetic mean of the per-trial test metric over trials",
+    "std": "sample standard deviation (ddof=1) of the per-trial test metric over trials; 0 for one trial",
+    "ci95": "stratified bootstrap 95% CI of the trial-mean metric (same test-image resamples for all trials)",
+    "confusion_matrix_sum": "confusion matrices of all trials of the fraction, summed",
+}
+
+
+@dataclass
+class PredictionTable:
+    """Columns of predictions.csv as arrays; ``probs`` is (N, K) in ``classes`` order."""
+
+    classes: list[str]
+    ids: np.ndarray
+    split: np.ndarray
+    trial: np.ndarray
+    fraction: np.ndarray
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    probs: np.ndarray
+
+    def select(self, fraction: float, trial: int) -> PredictionTable:
+        """Rows of one (fraction, trial), ordered by id (so trials align image by image)."""
+        mask = (self.trial == trial) & np.isclose(self.fraction, fraction)
+        order = np.flatnonzero(mask)[np.argsort(self.ids[mask], kind="stable")]
+        return PredictionTable(self.classes, self.ids[order], self.split[order], self.trial[order],
+                               self.fraction[order], self.y_true[order], self.y_pred[order], self.probs[order])
+
+    def fractions(self) -> list[float]:
+        return sorted({float(f) for f in self.fraction})
+
+    def trials(self, fraction: float) -> list[int]:
+        return sorted({int(t) for t in self.trial[np.isclose(self.fraction, fraction)]})
+
+
+def write_predictions(path: str | os.PathLike[str], table: PredictionTable) -> None:
+    """Write ``table`` as predictions.csv (atomic); probabilities with 6 decimals."""
+    with atomic_open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*BASE_COLUMNS, *(f"prob_{c}" for c in table.classes)])
+        for i in range(len(table.ids)):
+            writer.writerow([
+                table.ids[i], table.split[i], int(table.trial[i]), f"{float(table.fraction[i]):g}",
+                table.classes[table.y_true[i]], table.classes[table.y_pred[i]],
+                *(f"{p:.6f}" for p in table.probs[i]),
+            ])
+
+
+def read_predictions(path: str | os.PathLike[str]) -> PredictionTable:
+    """Read a predictions.csv written by :func:`write_predictions`."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except OSError as exc:
+        raise MedsslError(f"cannot read predictions ({exc.strerror})", path) from exc
+    if not rows or tuple(rows[0][: len(BASE_COLUMNS)]) != BASE_COLUMNS:
+        raise MedsslError(f"not a medssl predictions.csv (expected columns {', '.join(BASE_COLUMNS)})", path)
+    classes = [c[len("prob_"):] for c in rows[0][len(BASE_COLUMNS):]]
+    index = {c: i for i, c in enumerate(classes)}
+    body = rows[1:]
+    try:
+        return PredictionTable(
+            classes=classes,
+            ids=np.array([r[0] for r in body], dtype=object),
+            split=np.array([r[1] for r in body], dtype=object),
+            trial=np.array([int(r[2]) for r in body], dtype=np.int64),
+            fraction=np.array([float(r[3]) for r in body]),
+            y_true=np.array([index[r[4]] for r in body], dtype=np.int64),
+            y_pred=np.array([index[r[5]] for r in body], dtype=np.int64),
+            probs=np.array([[float(v) for v in r[len(BASE_COLUMNS):]] for r in body]).reshape(len(body), -1),
+        )
+    except (KeyError, ValueError, IndexError) as exc:
+        raise MedsslError(f"malformed predictions row ({exc})", path) from exc
+
+
+def concat_tables(tables: Sequence[PredictionTable]) -> PredictionTable:
+    """Stack tables with the same classes."""
+    first = tables[0]
+    return PredictionTable(
+        first.classes,
+        *(np.concatenate([getattr(t, f) for t in tables]) for f in
+          ("ids", "split", "trial", "fraction", "y_true", "y_pred", "probs")),
+    )
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+
+
+def summarize_predictions(table: PredictionTable, *, n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Per label fraction: every trial's metrics, mean/std over trials, bootstrap CIs of the trial means.
+
+    Returns a list (one dict per fraction, ascending) with keys ``fraction``, ``trials`` (list of
+    ``{"trial", **classification_metrics}``), ``summary`` (``{metric: {"mean", "std", "ci_low", "ci_high"}}``
+    for balanced accuracy, macro F1 and accuracy; mean/std only for macro AUROC), ``per_class`` (mean over
+    trials of recall, precision, AUROC per class) and ``confusion_matrix_sum``.
+    """
+    k = len(table.classes)
+    out = []
+    for fraction in table.fractions():
+        trial_tables = [table.select(fraction, t) for t in table.trials(fraction)]
+        ref = trial_tables[0]
+        for t in trial_tables[1:]:
+            if not np.array_equal(t.ids, ref.ids) or not np.array_equal(t.y_true, ref.y_true):
+                raise MedsslError(f"trials of fraction {fraction:g} do not cover the same test images")
+        per_trial = [{"trial": int(t.trial[0]), **classification_metrics(t.y_true, t.y_pred, t.probs, k)}
+                     for t in trial_tables]
+        ci = bootstrap_ci(ref.y_true, [t.y_pred for t in trial_tables], k, n_resamples=n_resamples, seed=seed)
+        summary: dict[str, dict[str, float]] = {}
+        for metric in ("balanced_accuracy", "macro_f1", "accuracy"):
+            summary[metric] = {**_mean_std([m[metric] for m in per_trial]),
+                               "ci_low": ci[metric]["low"], "ci_high": ci[metric]["high"]}
+        summary["macro_auroc"] = _mean_std([m.get("macro_auroc") for m in per_trial])
+        per_class = {
+            name: [_mean_std([m[name][c] if m.get(name) else None for m in per_trial])["mean"] for c in range(k)]
+            for name in ("recall", "precision", "auroc")
+        }
+        cm = sum(confusion_matrix(t.y_true, t.y_pred, k) for t in trial_tables)
+        out.append({"fraction": fraction, "n_test": int(len(ref.ids)), "trials": per_trial, "summary": summary,
+                    "per_class": per_class, "confusion_matrix_sum": np.asarray(cm).tolist()})
+    return out

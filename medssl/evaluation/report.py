@@ -1,0 +1,267 @@
+"""report.md of one evaluation folder, and the comparison of several (``medssl report``).
+
+Every number in a report is recomputed from ``predictions.csv`` (with the bootstrap settings stored in
+results.json), so the tables can be checked independently from the per-image predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.errors import MedsslError
+from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION, PAIRED_DEFINITION, paired_bootstrap
+from medssl.evaluation.plots import plot_confusion_matrix, plot_pretraining_curves
+from medssl.evaluation.predictions import PredictionTable, read_predictions, summarize_predictions
+from medssl.io import atomic_open, atomic_write_bytes, atomic_write_text
+
+HEADLINE = ("balanced_accuracy", "macro_f1", "accuracy")
+
+
+def fmt(value: float | None) -> str:
+    """Numbers in reports: 4 decimals; ``n/a`` for undefined."""
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
+
+
+def fraction_label(fraction: float) -> str:
+    """0.1 -> ``10%``."""
+    return f"{100 * fraction:g}%"
+
+
+@dataclass
+class Evaluation:
+    """An EVAL_DIR read back: results.json, predictions.csv and the summary recomputed from the latter."""
+
+    path: Path
+    results: dict[str, Any]
+    table: PredictionTable
+    summary: list[dict]
+
+    @property
+    def name(self) -> str:
+        return str(self.results.get("name") or self.path.name)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.results.get("data", {}).get("dataset", "data"))
+
+
+def load_evaluation(eval_dir: str | os.PathLike[str]) -> Evaluation:
+    """Read an EVAL_DIR and recompute its summary from predictions.csv."""
+    path = Path(eval_dir)
+    results_path = path / "results.json"
+    if not results_path.is_file():
+        raise MedsslError("not an evaluation folder (no results.json)", path)
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedsslError(f"results.json is not valid JSON ({exc.msg})", results_path) from exc
+    table = read_predictions(path / "predictions.csv")
+    cfg = results.get("config", {})
+    summary = summarize_predictions(table, n_resamples=int(cfg.get("bootstrap", 1000)), seed=int(cfg.get("seed", 0)))
+    return Evaluation(path, results, table, summary)
+
+
+def _cell(summary: dict, metric: str) -> str:
+    s = summary[metric]
+    return f"{fmt(s['mean'])} ± {fmt(s['std'])}"
+
+
+def _ci(summary: dict, metric: str) -> str:
+    s = summary[metric]
+    return f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
+
+
+def eval_report_markdown(ev: Evaluation) -> str:
+    """The Markdown text of one evaluation's report.md."""
+    res, cfg, classes = ev.results, ev.results.get("config", {}), ev.table.classes
+    data, backbone = res.get("data", {}), res.get("backbone", {})
+    source = backbone.get("file_name") or backbone.get("source", "?")
+    lines = [
+        f"# Evaluation: {ev.name}", "",
+        f"- protocol: {res.get('protocol')}; loss: {cfg.get('loss')} (gamma {cfg.get('gamma')}); "
+        f"epochs: {cfg.get('epochs')}; seed: {cfg.get('seed')}; bootstrap resamples: {cfg.get('bootstrap')}",
+        f"- backbone: {source} ({backbone.get('format', backbone.get('source'))}, {backbone.get('arch')})",
+        f"- data: {ev.dataset} (manifest sha256 {str(data.get('manifest_sha256', ''))[:12]}), "
+        f"classes: {', '.join(classes)}",
+    ]
+    lines += [f"- note: {n}" for n in data.get("notes", [])]
+    lines += ["", "## Test results (mean ± std over trials, 95% CI of the trial mean)", "",
+              "| label fraction | trials | test images | balanced accuracy | 95% CI | macro F1 | 95% CI | "
+              "accuracy | 95% CI | macro AUROC |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in ev.summary:
+        s = b["summary"]
+        lines.append(f"| {fraction_label(b['fraction'])} | {len(b['trials'])} | {b['n_test']} | "
+                     + " | ".join(f"{_cell(s, m)} | {_ci(s, m)}" for m in HEADLINE)
+                     + f" | {_cell(s, 'macro_auroc')} |")
+    lines += ["", "## Every trial", "",
+              "| label fraction | trial | balanced accuracy | macro F1 | accuracy | macro AUROC |",
+              "|---|---|---|---|---|---|"]
+    for b in ev.summary:
+        for t in b["trials"]:
+            lines.append(f"| {fraction_label(b['fraction'])} | {t['trial']} | {fmt(t['balanced_accuracy'])} | "
+                         f"{fmt(t['macro_f1'])} | {fmt(t['accuracy'])} | {fmt(t.get('macro_auroc'))} |")
+    for b in ev.summary:
+        pc = b["per_class"]
+        lines += ["", f"## Per class, {fraction_label(b['fraction'])} labels (mean over trials)", "",
+                  "| class | recall | precision | AUROC |", "|---|---|---|---|"]
+        for c, name in enumerate(classes):
+            lines.append(f"| {name} | {fmt(pc['recall'][c])} | {fmt(pc['precision'][c])} | {fmt(pc['auroc'][c])} |")
+        lines += ["", f"Confusion matrix, {fraction_label(b['fraction'])} labels (rows true, columns predicted, "
+                  "all trials summed):", "", "| true \\ predicted | " + " | ".join(classes) + " |",
+                  "|---|" + "---|" * len(classes)]
+        for c, name in enumerate(classes):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in b["confusion_matrix_sum"][c]) + " |")
+    plots = res.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{key}]({rel})" for key, rel in plots.items()]
+    lines += ["", "## Definitions", ""]
+    lines += [f"- **{k}**: {v}" for k, v in res.get("definitions", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_report(eval_dir: str | os.PathLike[str]) -> Path:
+    """(Re)write EVAL_DIR/report.md from results.json and predictions.csv."""
+    ev = load_evaluation(eval_dir)
+    atomic_write_text(ev.path / "report.md", eval_report_markdown(ev))
+    return ev.path / "report.md"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "eval"
+
+
+def _aligned_trials(ev: Evaluation, fraction: float, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """True labels and per-trial predictions of ``ev`` for the test ``ids`` (in that order)."""
+    preds = []
+    y_true = None
+    for trial in ev.table.trials(fraction):
+        t = ev.table.select(fraction, trial)
+        pos = {i: k for k, i in enumerate(t.ids)}
+        order = np.array([pos[i] for i in ids], dtype=np.int64)
+        preds.append(t.y_pred[order])
+        y_true = t.y_true[order]
+    return y_true, preds
+
+
+def paired_comparisons(evals: Sequence[Evaluation], *, n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Paired bootstrap (balanced accuracy, A - B) for every pair of evaluations on the same dataset, classes
+    and label fraction, over the test images both contain (matched by id)."""
+    rows = []
+    for i, a in enumerate(evals):
+        for b in evals[i + 1:]:
+            if a.dataset != b.dataset or a.table.classes != b.table.classes:
+                continue
+            for fraction in sorted(set(a.table.fractions()) & set(b.table.fractions())):
+                ids_a = set(a.table.select(fraction, a.table.trials(fraction)[0]).ids)
+                ids_b = set(b.table.select(fraction, b.table.trials(fraction)[0]).ids)
+                common = np.array(sorted(ids_a & ids_b), dtype=object)
+                if len(common) == 0:
+                    continue
+                y_a, preds_a = _aligned_trials(a, fraction, common)
+                y_b, preds_b = _aligned_trials(b, fraction, common)
+                if not np.array_equal(y_a, y_b):
+                    raise MedsslError(f"{a.name} and {b.name} disagree on the true labels of the same test images")
+                res = paired_bootstrap(y_a, preds_a, preds_b, len(a.table.classes), n_resamples=n_resamples,
+                                       seed=seed)
+                rows.append({"a": a.name, "b": b.name, "dataset": a.dataset, "fraction": fraction,
+                             "trials_a": len(preds_a), "trials_b": len(preds_b), **res})
+    return rows
+
+
+def paired_line(row: dict) -> str:
+    """One sentence per paired comparison."""
+    return (f"- **{row['a']} vs {row['b']}**, {row['dataset']}, {fraction_label(row['fraction'])} labels: "
+            f"difference in balanced accuracy {row['difference']:+.4f} (95% CI {fmt(row['ci_low'])} to "
+            f"{fmt(row['ci_high'])}), p = {fmt(row['p_value'])}; {row['n']} paired test images, "
+            f"{row['trials_a']} vs {row['trials_b']} trials")
+
+
+def compare_evaluations(
+    eval_dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    pretrain_runs: Sequence[str | os.PathLike[str]] = (),
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write OUT_DIR/comparison.md (+ .csv), paired.csv, report.md and plots; returns report.md's path.
+
+    Table (like Ciga et al. Tables 2/3): rows = initialisations (their --name), columns = dataset x label
+    fraction, cells = balanced accuracy mean ± std over trials with the 95% CI of the trial mean.
+    """
+    if not eval_dirs:
+        raise MedsslError("give at least one evaluation folder")
+    out = Path(out_dir)
+    evals = [load_evaluation(d) for d in eval_dirs]
+    columns = sorted({(ev.dataset, b["fraction"]) for ev in evals for b in ev.summary})
+    names = list(dict.fromkeys(ev.name for ev in evals))
+    cells: dict[tuple[str, str, float], dict] = {}
+    csv_rows = []
+    for ev in evals:
+        for b in ev.summary:
+            cells[(ev.name, ev.dataset, b["fraction"])] = b
+            s = b["summary"]
+            csv_rows.append({
+                "name": ev.name, "protocol": ev.results.get("protocol"), "dataset": ev.dataset,
+                "fraction": b["fraction"], "trials": len(b["trials"]), "test_images": b["n_test"],
+                **{f"{m}_{k}": s[m][k] for m in HEADLINE for k in ("mean", "std", "ci_low", "ci_high")}})
+    header = "| initialisation | " + " | ".join(f"{d} {fraction_label(f)}" for d, f in columns) + " |"
+    table = [header, "|---|" + "---|" * len(columns)]
+    for name in names:
+        row = []
+        for d, f in columns:
+            b = cells.get((name, d, f))
+            row.append("—" if b is None else f"{_cell(b['summary'], 'balanced_accuracy')} "
+                       f"{_ci(b['summary'], 'balanced_accuracy')}")
+        table.append(f"| {name} | " + " | ".join(row) + " |")
+    paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed)
+    comparison_md = "\n".join(table) + "\n"
+    atomic_write_text(out / "comparison.md", comparison_md)
+    _write_csv(out / "comparison.csv", csv_rows)
+    _write_csv(out / "paired.csv", paired)
+    plots = _comparison_plots(evals, out, pretrain_runs)
+    lines = ["# Comparison of initialisations", "",
+             "Balanced accuracy on the test set: mean ± std over trials [95% CI of the trial mean].", "",
+             comparison_md, "## Paired comparisons (same test images)", ""]
+    lines += [paired_line(r) for r in paired] or ["(no two evaluations share a dataset and label fraction)"]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+    lines += ["", "## Definitions", "", f"- **CI**: {BOOTSTRAP_DEFINITION}", f"- **paired**: {PAIRED_DEFINITION}"]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_open(path, "w", newline="") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _comparison_plots(evals: Sequence[Evaluation], out: Path, pretrain_runs: Sequence) -> list[Path]:
+    plots = []
+    for ev in evals:
+        prefix = _safe(f"{ev.name}_{ev.dataset}")
+        for b in ev.summary:
+            plots.append(plot_confusion_matrix(
+                np.asarray(b["confusion_matrix_sum"]), ev.table.classes,
+                out / "plots" / f"{prefix}_confusion_{b['fraction']:g}.png",
+                title=f"{ev.name}, {ev.dataset}, {fraction_label(b['fraction'])} labels"))
+        tsne = ev.path / "plots" / "tsne_test.png"
+        if tsne.is_file():
+            dest = out / "plots" / f"{prefix}_tsne_test.png"
+            atomic_write_bytes(dest, tsne.read_bytes())
+            plots.append(dest)
+    if pretrain_runs:
+        plots += plot_pretraining_curves(pretrain_runs, out / "plots")
+    return plots

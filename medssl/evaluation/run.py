@@ -1,0 +1,276 @@
+"""``run_evaluation``: one backbone, one dataset, one protocol, every label fraction and trial -> EVAL_DIR.
+
+EVAL_DIR receives ``results.json`` (config, versions, data hash, backbone description, every number with its
+definition), ``predictions.csv`` (see :mod:`medssl.evaluation.predictions`), ``report.md``, ``plots/*.png``
+(confusion matrix per fraction, t-SNE of the test embeddings) and ``cache/`` (frozen features as ``.npy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medssl.errors import MedsslError
+from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION
+from medssl.evaluation.features import NormalizedBackbone, cached_features, module_sha256
+from medssl.evaluation.fractions import FRACTIONS_DEFINITION, label_fraction_subsets
+from medssl.evaluation.losses import LOSS_DEFINITIONS, LOSS_KINDS
+from medssl.evaluation.metrics import METRIC_DEFINITIONS
+from medssl.evaluation.plots import plot_confusion_matrix, plot_tsne
+from medssl.evaluation.predictions import (
+    SUMMARY_DEFINITIONS,
+    PredictionTable,
+    summarize_predictions,
+    write_predictions,
+)
+from medssl.evaluation.setup import EvalData, load_backbone, load_eval_data
+from medssl.io import atomic_write_json
+from medssl.models import InputNormalization
+
+log = logging.getLogger("medssl.evaluation.run")
+
+PROTOCOLS = ("linear", "finetune", "knn")
+
+
+@dataclass
+class EvalConfig:
+    """Every knob of an evaluation (defaults: Lu et al. for the linear probe, Ciga et al. for fine-tuning)."""
+
+    protocol: str = "linear"
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    trials: int = 3
+    modality: str = "generic"
+    image_size: int = 64
+    batch_size: int = 64
+    epochs: int | None = None  # linear 100, finetune 20
+    loss: str = "focal"
+    gamma: float = 4.0
+    lr: float | None = None  # linear 1e-3, finetune 3e-4
+    weight_decay: float | None = None  # linear 0, finetune 1e-4
+    k: int = 20
+    temperature: float = 0.07
+    seed: int = 0
+    bootstrap: int = 1000
+    name: str | None = None
+    device: str = "cpu"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise MedsslError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.loss not in LOSS_KINDS:
+            raise MedsslError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_KINDS)}")
+        if self.trials < 1 or self.bootstrap < 1000 or self.image_size < 8:
+            raise MedsslError("need --trials >= 1, --bootstrap >= 1000 and --image-size >= 8")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
+            raise MedsslError(f"label fractions must lie in (0, 1], got {self.fractions}")
+
+    def resolved(self) -> dict[str, Any]:
+        finetune = self.protocol == "finetune"
+        out = asdict(self)
+        out["epochs"] = self.epochs if self.epochs is not None else (20 if finetune else 100)
+        out["lr"] = self.lr if self.lr is not None else (3e-4 if finetune else 1e-3)
+        out["weight_decay"] = self.weight_decay if self.weight_decay is not None else (1e-4 if finetune else 0.0)
+        out["fractions"] = sorted(float(f) for f in self.fractions)
+        return out
+
+
+class IndexedLabels:
+    """Wrap an eval transform so ``"label"`` becomes the class index (int64) expected by the protocols."""
+
+    def __init__(self, transform: Callable[[Mapping[str, Any]], Mapping[str, Any]], classes: Sequence[str]):
+        self.transform = transform
+        self.index = {c: i for i, c in enumerate(classes)}
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(self.transform(record))
+        out["label"] = torch.tensor(self.index[str(record["label"])], dtype=torch.long)
+        out["id"] = str(record["id"])
+        return out
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine the numbers."""
+    import ignite
+    import monai
+    import sklearn
+
+    import medssl
+
+    return {"medssl": medssl.__version__, "torch": torch.__version__, "monai": monai.__version__,
+            "ignite": ignite.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def run_evaluation(
+    data: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str],
+    *,
+    backbone: str | os.PathLike[str] | nn.Module = "random",
+    records: Sequence[Mapping[str, Any]] | None = None,
+    transform: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    transform_desc: str | None = None,
+    input_normalization: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    **options: Any,
+) -> Path:
+    """Evaluate ``backbone`` on ``data`` and write EVAL_DIR ``out``; returns its path.
+
+    Args:
+        data: manifest or folder (``medssl.data.sources.records_from_path``); or a label when ``records``
+            is given directly.
+        backbone: ``"random"``, a checkpoint file, or an ``nn.Module`` with ``forward_features``.
+        transform: record -> {"image": (3,H,W) in [0,1], ...}; default
+            ``medssl.transforms.presets.build_eval_transform(modality, image_size)``.
+        transform_desc: text identifying a custom transform in the feature-cache key.
+        **options: fields of :class:`EvalConfig`.
+    """
+    cfg = EvalConfig(**options)
+    cfg.validate()
+    resolved = cfg.resolved()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    eval_data = load_eval_data(data, records=records, seed=cfg.seed)
+    loaded = load_backbone(backbone, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, seed=cfg.seed, trust=trust,
+                           input_normalization=input_normalization)
+    if transform is None:
+        from medssl.transforms.presets import build_eval_transform
+
+        transform = build_eval_transform(cfg.modality, cfg.image_size)
+        transform_desc = f"build_eval_transform({cfg.modality!r}, {cfg.image_size})"
+    transform_desc = transform_desc or repr(transform)
+    labelled_transform = IndexedLabels(transform, eval_data.classes)
+    log.info("evaluating %s on %s: %d train / %d val / %d test, classes %s", loaded.info.get("source"),
+             eval_data.dataset, len(eval_data.train), len(eval_data.val), len(eval_data.test), eval_data.classes)
+    runner = _run_finetune if cfg.protocol == "finetune" else _run_frozen
+    table, test_embeddings, extra = runner(eval_data, loaded, labelled_transform, transform_desc, resolved, out)
+    write_predictions(out / "predictions.csv", table)
+    summary = summarize_predictions(table, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    plots = _write_plots(out, eval_data, table, summary, test_embeddings, cfg)
+    results = {
+        "name": cfg.name or _default_name(loaded.info),
+        "protocol": cfg.protocol,
+        "config": resolved,
+        "versions": library_versions(),
+        "data": {"dataset": eval_data.dataset, "manifest_sha256": eval_data.manifest_sha256,
+                 "classes": eval_data.classes,
+                 "split_sizes": {s: len(getattr(eval_data, s)) for s in ("train", "val", "test")},
+                 "transform": transform_desc, "notes": eval_data.notes},
+        "backbone": {**loaded.info, "input_normalization": loaded.input_normalization},
+        "definitions": {**METRIC_DEFINITIONS, **SUMMARY_DEFINITIONS, "bootstrap": BOOTSTRAP_DEFINITION,
+                        "fractions": FRACTIONS_DEFINITION, "loss": LOSS_DEFINITIONS[cfg.loss],
+                        **extra.pop("definitions", {})},
+        "results": _merge_training_records(summary, extra.get("training", {})),
+        "plots": plots,
+    }
+    atomic_write_json(out / "results.json", results)
+    from medssl.evaluation.report import write_eval_report
+
+    write_eval_report(out)
+    log.info("evaluation written to %s", out)
+    return out
+
+
+def _default_name(info: Mapping[str, Any]) -> str:
+    return "Random" if info.get("source") == "random" else str(info.get("file_name", info.get("arch", "model")))
+
+
+def _merge_training_records(summary: list[dict], training: Mapping[tuple[int, float], dict]) -> list[dict]:
+    """Attach each trial's training record (subset size, best epoch, val balanced accuracy) to the summary."""
+    for block in summary:
+        for trial in block["trials"]:
+            trial.update(training.get((trial["trial"], block["fraction"]), {}))
+    return summary
+
+
+def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform_desc: str,
+                cfg: Mapping[str, Any], out: Path) -> tuple[PredictionTable, np.ndarray, dict]:
+    """Linear probe or weighted kNN on features of the frozen backbone, computed once per split."""
+    from medssl.evaluation.protocols.knn import KNN_DEFINITION, knn_predict_proba
+    from medssl.evaluation.protocols.linear import train_linear_probe
+
+    extractor = NormalizedBackbone(loaded.model, InputNormalization.from_spec(loaded.input_normalization))
+    extractor.to(cfg["device"]).eval()
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    model_hash = module_sha256(extractor)
+    feats = {
+        split: cached_features(extractor, getattr(data, split), transform, cache_dir=out / "cache",
+                               model_hash=model_hash, manifest_hash=data.manifest_sha256,
+                               transform_desc=transform_desc, batch_size=cfg["batch_size"],
+                               device=cfg["device"], num_workers=cfg["num_workers"], desc=f"{split} features")
+        for split in ("train", "val", "test")
+    }
+    labels = {s: np.asarray(data.labels(s), dtype=np.int64) for s in ("train", "val", "test")}
+    k = len(data.classes)
+    subsets = label_fraction_subsets(data.train, cfg["fractions"], cfg["trials"], seed=cfg["seed"])
+    tables, training = [], {}
+    for (trial, fraction), idx in sorted(subsets.items()):
+        x, y = feats["train"][idx], labels["train"][idx]
+        record: dict[str, Any] = {"n_train": int(len(idx))}
+        if cfg["protocol"] == "knn":
+            probs = knn_predict_proba(x, y, feats["test"], k, k=cfg["k"], temperature=cfg["temperature"])
+            val_probs = knn_predict_proba(x, y, feats["val"], k, k=cfg["k"], temperature=cfg["temperature"])
+            from medssl.evaluation.metrics import balanced_accuracy
+
+            record["val_balanced_accuracy"] = balanced_accuracy(labels["val"], val_probs.argmax(1), k)
+        else:
+            probe = train_linear_probe(x, y, feats["val"], labels["val"], k, loss=cfg["loss"], gamma=cfg["gamma"],
+                                       epochs=cfg["epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                       batch_size=max(cfg["batch_size"], 256), seed=cfg["seed"] + 1000 * trial)
+            probs = probe.predict_proba(feats["test"])
+            record.update(best_epoch=probe.best_epoch, val_balanced_accuracy=probe.best_val_balanced_accuracy)
+        training[(trial, float(fraction))] = record
+        tables.append(_table(data, labels["test"], probs, trial, fraction))
+    definitions = {"protocol": KNN_DEFINITION if cfg["protocol"] == "knn" else
+                   "linear classifier on frozen, standardised features; Adam; the epoch with the best "
+                   "validation balanced accuracy is tested once"}
+    from medssl.evaluation.predictions import concat_tables
+
+    return concat_tables(tables), feats["test"], {"training": training, "definitions": definitions}
+
+
+def _run_finetune(data: EvalData, loaded: Any, transform: IndexedLabels, transform_desc: str,
+                  cfg: Mapping[str, Any], out: Path) -> tuple[PredictionTable, np.ndarray, dict]:
+    from medssl.evaluation.protocols.finetune import FINETUNE_DEFINITION, finetune_trials
+
+    table, embeddings, training = finetune_trials(data, loaded, transform, cfg)
+    return table, embeddings, {"training": training, "definitions": {"protocol": FINETUNE_DEFINITION}}
+
+
+def _table(data: EvalData, y_true: np.ndarray, probs: np.ndarray, trial: int, fraction: float) -> PredictionTable:
+    n = len(data.test)
+    return PredictionTable(
+        classes=list(data.classes), ids=np.array([str(r["id"]) for r in data.test], dtype=object),
+        split=np.array(["test"] * n, dtype=object), trial=np.full(n, trial, dtype=np.int64),
+        fraction=np.full(n, float(fraction)), y_true=y_true, y_pred=probs.argmax(axis=1).astype(np.int64),
+        probs=probs)
+
+
+def _write_plots(out: Path, data: EvalData, table: PredictionTable, summary: list[dict],
+                 embeddings: np.ndarray, cfg: EvalConfig) -> dict[str, str]:
+    plots: dict[str, str] = {}
+    title = cfg.name or ""
+    for block in summary:
+        name = f"plots/confusion_matrix_fraction_{block['fraction']:g}.png"
+        plot_confusion_matrix(np.asarray(block["confusion_matrix_sum"]), data.classes, out / name,
+                              title=f"{title} {block['fraction']:.0%} labels, {len(block['trials'])} trials summed")
+        plots[f"confusion_matrix_{block['fraction']:g}"] = name
+    if len(embeddings) >= 5:
+        labels = np.asarray(data.labels("test"))
+        plot_tsne(embeddings, labels, data.classes, out / "plots/tsne_test.png",
+                  title=f"t-SNE of test embeddings {title}".strip(), seed=cfg.seed)
+        plots["tsne_test"] = "plots/tsne_test.png"
+    return plots

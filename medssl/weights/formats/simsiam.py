@@ -1,0 +1,29 @@
+"""SimSiam (``checkpoint_0099.pth.tar``): ``{epoch, arch, state_dict, optimizer}``; ``module.encoder.`` +
+torchvision names, projector ``module.encoder.fc.{0..7}``, predictor ``module.predictor.{0,1,3}``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from medssl.weights.detect import tensors_only
+from medssl.weights.formats.common import NORM_IMAGENET, ReaderOutput, split_prefix, torchvision_backbone
+from medssl.weights.formats.torchvision import strip_module
+
+
+def read_simsiam(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
+    """Encoder backbone, its ``fc`` projector and the predictor."""
+    state = strip_module(tensors_only(obj["state_dict"], path))
+    encoder = split_prefix(state, "encoder.")
+    backbone, rest = torchvision_backbone(encoder, keep_fc=False)
+    out = ReaderOutput(backbone, dict(NORM_IMAGENET))
+    projector = split_prefix(rest, "fc.")
+    if projector:
+        out.heads["projector"] = projector
+    predictor = split_prefix(state, "predictor.")
+    if predictor:
+        out.heads["predictor"] = predictor
+    out.skipped = sorted(f"encoder.{k}" for k in rest if not k.startswith("fc."))
+    out.skipped += sorted(k for k in state if not k.startswith(("encoder.", "predictor.")))
+    out.skipped += sorted(k for k in obj if k != "state_dict")
+    return out

@@ -98,7 +98,7 @@ def write_model_file(checkpoint: str | os.PathLike[str], model_file: str | os.Pa
     network = export_network(checkpoint, trust=trust)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     out = Path(model_file)
-    atomic_torch_save(state, out)
+    atomic_torch_save(out, state)
     logger.info("wrote %s (%d tensors) from %s", out, len(state), checkpoint)
     return out
 
@@ -155,6 +155,8 @@ def evaluate(data: str | os.PathLike[str], out: str | os.PathLike[str], *, backb
     elif not Path(backbone).is_file():
         raise MedsslError("backbone to evaluate not found (run the pretrain config first, or set backbone)",
                           backbone)
+    elif options.get("name") is None and Path(backbone).name == "backbone.safetensors":
+        options["name"] = Path(backbone).resolve().parent.name  # the run folder, e.g. pretrain_simclr
     logger.info("evaluating %s on %s (%s) -> %s", backbone, data, options.get("protocol", "linear"), out)
     return run_evaluation(data, out, backbone=backbone, trust=trust, fractions=[float(f) for f in fractions],
                           **extra, **options)

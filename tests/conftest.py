@@ -37,8 +37,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    """Keep each test on the 2 cores we have and make it deterministic where torch allows."""
+    """One thread per test process (pytest-xdist runs two of them on our 2 cores) and make it deterministic where torch allows."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield

@@ -180,3 +180,40 @@ def test_bad_files_raise_medssl_error_naming_the_file(tmp_path):
     assert str(bad) in str(info.value)
     with pytest.raises(MedsslError, match="no pixel data"):
         read_dicom_frame(_file("rtplan.dcm"))
+
+
+def test_voi_lut_sequence_matches_naive_lookup():
+    path = _file("vlut_04.dcm")
+    ds = pydicom.dcmread(path)
+    item = ds.VOILUTSequence[0]
+    n_entries, first, _ = (int(v) for v in item.LUTDescriptor)
+    lut = np.asarray(item.LUTData, dtype=np.float64)
+    assert lut.size == (n_entries or 65536)
+    raw = ds.pixel_array.astype(np.int64)  # no rescale in this file: modality LUT is the identity
+    assert "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds
+    expected = lut[np.clip(raw - first, 0, lut.size - 1)]
+    img, rng = read_dicom_frame(path)
+    np.testing.assert_array_equal(img[0], expected.astype(np.float32))
+    assert rng == (float(lut.min()), float(lut.max()))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",  # JPEG lossless, process 14
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline, YBR_FULL
+        "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+        "MR_small_jp2klossless.dcm",  # JPEG 2000
+        "MR_small_RLE.dcm",  # RLE (pylibjpeg-rle)
+    ],
+)
+def test_compressed_syntaxes_decode_through_pylibjpeg_plugins(name):
+    path = _file(name)
+    ds = pydicom.dcmread(path)
+    ref = pydicom.pixels.pixel_array(ds, decoding_plugin="pylibjpeg")  # fails if the plugin is missing
+    img, _ = read_dicom_frame(path, window="minmax")
+    if ref.ndim == 3:
+        np.testing.assert_array_equal(img, np.moveaxis(ref, -1, 0).astype(np.float32))
+    else:
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        np.testing.assert_allclose(img[0], ref * slope + intercept, atol=1e-4)

@@ -145,3 +145,28 @@ def test_infer_source_and_unknown_source():
     ]
     with pytest.raises(MedsslError, match="unknown source"):
         LoadRecordd()({"id": "x", "image": "/nonexistent.png", "source": "video"})
+
+
+def test_h5_rows_pcam_layout(tmp_path):
+    import h5py
+
+    rows = np.random.default_rng(1).integers(0, 256, size=(5, 12, 12, 3), dtype=np.uint8)
+    path = tmp_path / "camelyonpatch_level_2_split_valid_x.h5"
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("x", data=rows)
+    out = LoadRecordd()({"id": "p", "image": str(path), "source": "h5", "index": 3, "h5_key": "x"})
+    np.testing.assert_array_equal(out["image"], np.moveaxis(rows[3], -1, 0).astype(np.float32))
+    assert out["image_range"] == (0.0, 255.0)
+    with pytest.raises(MedsslError, match="out of range"):
+        LoadRecordd()({"id": "p", "image": str(path), "source": "h5", "index": 5})
+
+
+def test_rewritten_npz_is_read_again(tmp_path):
+    import os
+
+    path = tmp_path / "m.npz"
+    np.savez(path, train_images=np.zeros((2, 4, 4), np.uint8))
+    assert read_npz_image(path, 1)[0].max() == 0
+    np.savez(path, train_images=np.full((2, 4, 4), 7, np.uint8))
+    os.utime(path, ns=(1, 10**18))  # make sure the modification time changes even on coarse clocks
+    assert read_npz_image(path, 1)[0].max() == 7

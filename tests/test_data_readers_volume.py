@@ -8,6 +8,7 @@ import pytest
 
 from medssl.data.readers.load import LoadRecordd
 from medssl.data.readers.volume import read_volume_slice, volume_range
+from medssl.data.sources import records_from_path
 from medssl.errors import MedsslError
 
 
@@ -75,3 +76,13 @@ def test_out_of_range_slice_is_a_medssl_error(psr):
     path, _, _ = psr
     with pytest.raises(MedsslError, match="slice 500 out of range"):
         read_volume_slice(path, 500, 2)
+
+
+def test_volume_records_cover_the_non_empty_axial_slices(psr):
+    path, _, ras = psr
+    records = records_from_path(path)
+    expected = [k for k in range(ras.shape[2]) if np.any(ras[:, :, k] != 0)]
+    assert [r["slice"] for r in records] == expected
+    assert all(r["axis"] == 2 and r["source"] == "nifti" for r in records)
+    loaded = LoadRecordd()(records[len(records) // 2])
+    np.testing.assert_array_equal(loaded["image"][0], ras[:, :, expected[len(expected) // 2]])

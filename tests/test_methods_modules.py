@@ -198,3 +198,29 @@ def test_build_method_rejects_unknown_names_and_options():
     with pytest.raises(MedsslError, match="temprature"):
         build_method("simclr", _backbone(), temprature=0.1)
     assert "queue_length" in method_options("swav")
+
+
+def _layout(head):
+    return [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None),
+             getattr(m, "affine", None)) for m in head]
+
+
+def test_default_heads_follow_the_papers():
+    backbone = _backbone()
+    c = backbone.num_features
+    simclr = build_method("simclr", backbone)
+    assert [(n, i, o) for n, i, o, _ in _layout(simclr.projector) if n == "Linear"] == [
+        ("Linear", c, 2048), ("Linear", 2048, 128)]
+    assert simclr.temperature == 0.1
+    byol = build_method("byol", _backbone())
+    assert (byol.projector.in_dim, byol.projector[0].out_features, byol.projector.out_dim) == (c, 4096, 256)
+    assert (byol.predictor.in_dim, byol.predictor[0].out_features, byol.predictor.out_dim) == (256, 4096, 256)
+    assert (byol.base_tau, byol.final_tau) == (0.996, 1.0)
+    simsiam = build_method("simsiam", _backbone())
+    layout = _layout(simsiam.projector)
+    assert [(i, o) for n, i, o, _ in layout if n == "Linear"] == [(c, 2048), (2048, 2048), (2048, 2048)]
+    assert layout[-1][0] == "BatchNorm1d" and layout[-1][3] is False
+    assert [(i, o) for n, i, o, _ in _layout(simsiam.predictor) if n == "Linear"] == [(2048, 512), (512, 2048)]
+    swav = build_method("swav", _backbone())
+    assert swav.prototypes.weight.shape == (3000, 128) and swav.views_required == 8
+    assert (swav.sinkhorn_eps, swav.sinkhorn_iterations, swav.temperature) == (0.05, 3, 0.1)

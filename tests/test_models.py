@@ -128,3 +128,20 @@ def test_input_normalization():
     norm = InputNormalization.from_spec({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     x = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(norm(x), x * 2 - 1)
+
+
+def test_resnetv2_plain_conv_option_matches_prestandardised_weights():
+    """``standardize=False`` (a WS-folded BiT) with pre-standardised weights equals the StdConv network."""
+    torch.manual_seed(1)
+    ws = build_backbone("resnetv2_50x1", widen_factor=0.125, small_stem=True).eval()
+    plain = build_backbone("resnetv2_50x1", widen_factor=0.125, small_stem=True, standardize=False).eval()
+    assert plain.arch_kwargs["standardize"] is False
+    state = ws.state_dict()
+    for name, module in ws.named_modules():
+        if isinstance(module, StdConv2d):
+            state[f"{name}.weight"] = _naive_ws(module.weight.detach(), module.eps)
+    plain.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = ws(x)
+        torch.testing.assert_close(plain(x), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)

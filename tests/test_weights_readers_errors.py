@@ -177,3 +177,22 @@ def test_fetch_offline_says_what_to_put_where(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSSL_OFFLINE", "1")
     with pytest.raises(OfflineError, match="offline"):
         fetch("swav_800ep", directory=tmp_path)
+
+
+def test_missing_keys_reported_and_refused_by_build(tmp_path, capsys):
+    from medssl.weights import build_from_checkpoint
+
+    state = _tiny_state()
+    del state["layer3.1.conv2.weight"]
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    loaded = load_checkpoint(path)
+    assert loaded.missing == ["layer3.1.conv2.weight"] and loaded.unexpected == []
+    with pytest.raises(MedsslError, match=r"partial\.pth: checkpoint lacks weights.*layer3\.1\.conv2\.weight"):
+        build_from_checkpoint(loaded)
+    model, _ = build_from_checkpoint(loaded, allow_missing=True)
+    assert torch.equal(model.state_dict()["layer3.1.bn2.running_var"], state["layer3.1.bn2.running_var"])
+    capsys.readouterr()
+    assert cli_main(["weights", "inspect", str(path)]) == 0
+    summary = capsys.readouterr().out
+    assert "format:      torchvision" in summary and "missing:     1: layer3.1.conv2.weight" in summary

@@ -31,6 +31,7 @@ logger = logging.getLogger("medssl.data.dicom_scan")
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, FloatPixelData, DoubleFloatPixelData
 UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+MEDIA_STORAGE_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # DICOMDIR (identified by its file meta)
 
 # Attributes read from the header. No name, birth date, accession number, institution or physician is read.
 HEADER_KEYWORDS: tuple[str, ...] = (
@@ -52,7 +53,6 @@ HEADER_KEYWORDS: tuple[str, ...] = (
     "ViewPosition",
     "BurnedInAnnotation",
     "SeriesDescription",
-    "DirectoryRecordSequence",
 )
 _HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
 
@@ -99,20 +99,25 @@ _US_KEYWORDS = frozenset({"Rows", "Columns", "BitsAllocated", "BitsStored", "Sam
 _TAG_OF = {keyword: int(Tag(keyword)) for keyword in HEADER_KEYWORDS}
 
 
-def _raw(ds: pydicom.Dataset, keyword: str) -> Any:
-    """An element's value without pydicom's value conversion where possible (fast path for header scans).
+class _RawValues:
+    """The top-level element values of a header, unconverted (``bytes``) where pydicom left them raw.
 
-    Returns ``bytes`` for a not-yet-converted element, the converted value otherwise, ``None`` if absent.
+    One pass over ``Dataset.elements()`` (which does not convert values) instead of one pydicom lookup and
+    value conversion per attribute: the header scan is dominated by such per-attribute costs.
     """
-    elem = ds.get_item(_TAG_OF[keyword]) if keyword in _TAG_OF else None
-    if elem is None:
-        return None
-    return elem.value
+
+    def __init__(self, ds: pydicom.Dataset) -> None:
+        self.ds = ds
+        self.values = {int(elem.tag): elem.value for elem in ds.elements()}
+        self.little_endian = ds.original_encoding[1] is not False
+
+    def get(self, keyword: str) -> Any:
+        return self.values.get(_TAG_OF[keyword])
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+def _text(ds: _RawValues, keyword: str) -> str | None:
     """An ASCII-coded attribute (UI, CS, IS, DS, or a word-matched LO), stripped; ``None`` when absent/empty."""
-    value = _raw(ds, keyword)
+    value = ds.get(keyword)
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -123,22 +128,25 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _identifier(ds: pydicom.Dataset, keyword: str) -> str | None:
+def _identifier(ds: _RawValues, keyword: str) -> str | None:
     """A LO/UI identifier decoded with the dataset's character set (so pseudonyms match other tools')."""
-    value = ds.get(keyword) if keyword == "PatientID" else _text(ds, keyword)
+    raw = ds.get(keyword)
+    if isinstance(raw, bytes) and not raw.isascii():
+        value = ds.ds.get(keyword)  # non-ASCII: decode with the Specific Character Set
+    else:
+        value = _text(ds, keyword)
     if value is None:
         return None
     text = str(value).strip().strip("\x00").strip()
     return text or None
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
-    value = _raw(ds, keyword)
+def _int(ds: _RawValues, keyword: str) -> int | None:
+    value = ds.get(keyword)
     if isinstance(value, bytes) and keyword in _US_KEYWORDS:
         if len(value) < 2:
             return None
-        little = ds.original_encoding[1] is not False
-        return int.from_bytes(value[:2], "little" if little else "big")
+        return int.from_bytes(value[:2], "little" if ds.little_endian else "big")
     if isinstance(value, bytes):
         value = value.decode("latin-1").split("\\")[0].strip().strip("\x00")
     if value is None or value == "":
@@ -152,7 +160,16 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
             return None
 
 
-def _image_type(ds: pydicom.Dataset) -> list[str]:
+def _decoded(value: Any) -> str:
+    """A raw or converted UID value as a stripped string ('' when absent)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return str(value).strip().strip("\x00").strip()
+
+
+def _image_type(ds: _RawValues) -> list[str]:
     text = _text(ds, "ImageType")
     return [] if text is None else [v.strip().upper() for v in text.split("\\")]
 
@@ -220,6 +237,12 @@ def scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
         return _scan_file(path, pseudonymizer)
 
 
+def scan_files(paths: list[str], pseudonymizer: Pseudonymizer) -> list[dict[str, Any]]:
+    """:func:`scan_file` over ``paths`` (same order) under one warning-silencing context (a worker's batch)."""
+    with quiet_pydicom():
+        return [_scan_file(path, pseudonymizer) for path in paths]
+
+
 def _scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
     try:
         ds, pixel = _read_header(path)
@@ -237,10 +260,12 @@ def _scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
                 "header": None}
 
 
-def _summarise(path: str, ds: pydicom.Dataset, pixel: dict[str, Any], pz: Pseudonymizer) -> dict[str, Any]:
-    meta = getattr(ds, "file_meta", None)
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip() if meta is not None else ""
-    meta_class = str(meta.get("MediaStorageSOPClassUID", "")).strip() if meta is not None else ""
+def _summarise(path: str, dataset: pydicom.Dataset, pixel: dict[str, Any], pz: Pseudonymizer) -> dict[str, Any]:
+    meta = getattr(dataset, "file_meta", None)
+    ds = _RawValues(dataset)
+    meta_values = {int(e.tag): e.value for e in meta.elements()} if meta is not None else {}
+    transfer_syntax = _decoded(meta_values.get(0x00020010))
+    meta_class = _decoded(meta_values.get(0x00020002))
     sop_class = _text(ds, "SOPClassUID") or meta_class or None
     modality = _text(ds, "Modality")
     image_type = _image_type(ds)
@@ -268,7 +293,7 @@ def _summarise(path: str, ds: pydicom.Dataset, pixel: dict[str, Any], pz: Pseudo
         "localizer": "LOCALIZER" in image_type
         or any(word in series_description for word in LOCALIZER_WORDS),
     }
-    if "DirectoryRecordSequence" in ds or sop_class == "1.2.840.10008.1.3.10":
+    if sop_class == MEDIA_STORAGE_DIRECTORY_SOP_CLASS:
         return {"status": "skip", "reason": "DICOMDIR (media storage directory; its referenced files are scanned)",
                 "header": None}
     reason = non_image_reason(sop_class, modality)
@@ -338,23 +363,46 @@ def is_dicomdir_name(path: str) -> bool:
     return os.path.basename(path).upper().startswith("DICOMDIR")
 
 
-def walk_files(root: str, exclude: Iterable[str] = ()) -> list[str]:
-    """Every regular file under ``root`` (any name, any depth), sorted, as absolute paths.
+def walk_files(root: str, exclude: Iterable[str] = ()) -> dict[str, tuple[int, int]]:
+    """Every regular file under ``root`` (any name, any depth): ``{absolute path: (size, mtime_ns)}``, sorted.
 
     Hidden folders (``.name``), our own temporary files (``.name.tmp``) and paths in ``exclude`` (e.g. the
-    manifest being written) are skipped. Symbolic links to files are followed, each real file listed once.
+    manifest being written) are skipped. Symbolic links to files are followed (a link to a file already
+    listed, or to another link's target, is dropped); linked folders are not entered. Uses ``os.scandir`` so
+    that each file costs one ``stat`` call.
     """
     root = os.path.abspath(root)
-    excluded = {os.path.realpath(p) for p in exclude}
-    files: dict[str, str] = {}
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
+    excluded = {os.path.realpath(p) for p in exclude} | {os.path.abspath(p) for p in exclude}
+    files: dict[str, tuple[int, int]] = {}
+    links: list[str] = []
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not name.startswith("."):
+                        pending.append(entry.path)
+                elif (name.startswith(".") and name.endswith(".tmp")) or entry.path in excluded:
+                    continue
+                elif entry.is_symlink():
+                    links.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    files[entry.path] = (st.st_size, st.st_mtime_ns)
+            except OSError:
                 continue
-            path = os.path.join(folder, name)
-            real = os.path.realpath(path)
-            if real in excluded or not os.path.isfile(path):
-                continue
-            files.setdefault(real, path)
-    return sorted(files.values())
+    targets: set[str] = set()
+    for link in sorted(links):
+        real = os.path.realpath(link)
+        if real in files or real in targets or real in excluded or not os.path.isfile(real):
+            continue
+        targets.add(real)
+        st = os.stat(real)
+        files[link] = (st.st_size, st.st_mtime_ns)
+    return dict(sorted(files.items()))

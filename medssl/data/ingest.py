@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medssl.data.deid import Pseudonymizer
-from medssl.data.dicom_scan import dicomdir_references, is_dicomdir_name, scan_file, walk_files
+from medssl.data.dicom_scan import dicomdir_references, is_dicomdir_name, scan_files, walk_files
 from medssl.data.manifest import write_manifest
 from medssl.errors import MedsslError
 from medssl.io import atomic_open, atomic_write_json
@@ -110,6 +110,9 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 
 def _state_key(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with ``/`` separators when inside it, else the absolute path."""
+    if path.startswith(root + os.sep):
+        return path[len(root) + 1 :].replace(os.sep, "/")
     rel = os.path.relpath(path, root)
     return path if rel.startswith("..") else rel.replace(os.sep, "/")
 
@@ -122,22 +125,24 @@ def _reason_category(reason: str) -> str:
 
 
 def _scan_all(paths: list[str], pseudonymizer: Pseudonymizer, options: IngestOptions) -> list[dict[str, Any]]:
-    """Header summaries of ``paths`` (same order), in a process pool when it pays off."""
-    scan = functools.partial(scan_file, pseudonymizer=pseudonymizer)
+    """Header summaries of ``paths`` (same order), in batches, in a process pool when it pays off."""
+    scan = functools.partial(scan_files, pseudonymizer=pseudonymizer)
     workers = options.workers or os.cpu_count() or 1
+    parallel = workers > 1 and len(paths) >= POOL_MIN_FILES
+    size = max(1, min(128, len(paths) // (workers * 8))) if parallel else 64
+    batches = [paths[i : i + size] for i in range(0, len(paths), size)]
     bar = tqdm(total=len(paths), desc="ingest", unit="file", disable=None if options.progress and paths else True)
     results: list[dict[str, Any]] = []
     try:
-        if workers <= 1 or len(paths) < POOL_MIN_FILES:
-            for path in paths:
-                results.append(scan(path))
-                bar.update(1)
+        if not parallel:
+            for batch in batches:
+                results.extend(scan(batch))
+                bar.update(len(batch))
         else:
-            chunksize = max(1, min(256, len(paths) // (workers * 8)))
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for result in pool.map(scan, paths, chunksize=chunksize):
-                    results.append(result)
-                    bar.update(1)
+                for batch_results in pool.map(scan, batches):
+                    results.extend(batch_results)
+                    bar.update(len(batch_results))
     finally:
         bar.close()
     return results
@@ -234,13 +239,14 @@ def ingest_dicom(
     key_check = pseudonymizer.pseudonym("record", "medssl-ingest-key-check")
     state = _load_state(state_path, key_check)
 
-    paths = walk_files(root, exclude=(manifest_path, errors_path, state_path))
+    stats: dict[str, tuple[int, int] | None] = dict(walk_files(root, exclude=(manifest_path, errors_path, state_path)))
+    paths = list(stats)
     opened = 0
     errors: list[dict[str, Any]] = []
     new_dicomdirs: dict[str, Any] = {}
-    known = {os.path.realpath(p) for p in paths}
+    known = set(paths)
     for path in [p for p in paths if is_dicomdir_name(p)]:
-        key, stat = _state_key(path, root), _stat(path)
+        key, stat = _state_key(path, root), stats[path]
         cached = state["dicomdirs"].get(key)
         if cached is None or stat is None or [cached["size"], cached["mtime_ns"]] != list(stat):
             found, missing, error = dicomdir_references(path)
@@ -252,19 +258,19 @@ def ingest_dicom(
             errors.append({"path": path, "status": "error", "reason": cached["error"]})
         for ref in cached["found"]:
             ref_path = ref if os.path.isabs(ref) else os.path.join(root, ref)
-            if os.path.realpath(ref_path) not in known and os.path.isfile(ref_path):
-                known.add(os.path.realpath(ref_path))
+            ref_path = os.path.normpath(ref_path)
+            if ref_path not in known and os.path.isfile(ref_path):
+                known.add(ref_path)
                 paths.append(ref_path)
+                stats[ref_path] = _stat(ref_path)
         errors.extend({"path": os.path.join(os.path.dirname(path), m), "status": "error",
                        "reason": "referenced by DICOMDIR but missing"} for m in cached["missing"])
     paths.sort()
 
     results: dict[str, dict[str, Any]] = {}
-    stats: dict[str, tuple[int, int] | None] = {}
     to_scan: list[str] = []
     for path in paths:
-        stat = _stat(path)
-        stats[path] = stat
+        stat = stats[path]
         cached = state["files"].get(_state_key(path, root))
         if cached is not None and stat is not None and [cached["size"], cached["mtime_ns"]] == list(stat):
             results[path] = cached["result"]

@@ -212,8 +212,11 @@ def write_manifest(path: str | os.PathLike[str], records: Iterable[Mapping[str, 
 
 def _stored_image_path(image: str, base: Path) -> str:
     """``image`` relative to ``base`` (posix separators) when it lies inside it, else absolute."""
-    absolute = Path(image) if os.path.isabs(image) else Path(os.path.abspath(image))
-    absolute = Path(os.path.normpath(absolute))
+    absolute = os.path.normpath(image if os.path.isabs(image) else os.path.abspath(image))
+    prefix = str(base).rstrip(os.sep) + os.sep
+    if absolute.startswith(prefix):  # fast path, same result as Path.relative_to
+        return absolute[len(prefix) :].replace(os.sep, "/")
+    absolute = Path(absolute)
     try:
         return absolute.relative_to(base).as_posix()
     except ValueError:

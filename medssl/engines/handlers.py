@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -242,7 +241,8 @@ def split_reference_query(records: Sequence[dict[str, Any]], seed: int) -> tuple
     if queries:
         return [r for r in usable if r.get("split") != "val"], queries
     labels = [str(r["label"]) for r in usable]
-    counts = np.unique(labels, return_counts=True)[1] if labels else np.array([0])
-    stratify = labels if counts.min() >= 2 else None
-    ref, qry = train_test_split(usable, test_size=0.2, random_state=seed, stratify=stratify)
+    try:
+        ref, qry = train_test_split(usable, test_size=0.2, random_state=seed, stratify=labels)
+    except ValueError:  # a class with one image, or fewer queries than classes: plain random split
+        ref, qry = train_test_split(usable, test_size=0.2, random_state=seed)
     return list(ref), list(qry)

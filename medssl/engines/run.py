@@ -200,9 +200,12 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
         method_opts.update(heads=heads, heads_source=str(config.init))
     method = build_method(config.method, backbone, **method_opts)
     if config.sync_bn and world > 1:
-        from medssl.weights.norm import convert_to_sync_bn
+        if device.type == "cuda":
+            from medssl.weights.norm import convert_to_sync_bn
 
-        method = convert_to_sync_bn(method)
+            method = convert_to_sync_bn(method)
+        else:
+            logger.warning("--sync-bn needs CUDA (torch SyncBatchNorm); BatchNorm stays per-process on %s", device)
     method = method.to(device)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)

@@ -100,6 +100,27 @@ class PretrainingTrainer(Trainer):
             out.append(v)
         return out
 
+    @staticmethod
+    def _agree_on_finiteness(loss: torch.Tensor) -> torch.Tensor:
+        """With several processes, make every rank see a non-finite loss when any rank has one."""
+        import ignite.distributed as idist
+
+        if idist.get_world_size() <= 1:
+            return loss
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        flag = idist.all_reduce(flag, op="MAX")
+        return loss if float(flag) == 0 else loss + float("nan")
+
+    def _mean_over_ranks(self, value: float) -> float:
+        """The loss averaged over processes (what a single process with the global batch would report)."""
+        import ignite.distributed as idist
+
+        world = idist.get_world_size()
+        if world <= 1:
+            return value
+        total = idist.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.state.device))
+        return float(total) / world
+
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         iteration = engine.state.iteration  # 1-based optimizer step
         epoch = engine.state.epoch
@@ -115,7 +136,7 @@ class PretrainingTrainer(Trainer):
             with ctx:
                 with self._autocast():
                     out = self.network(self._prepare_views(chunk))
-                loss = out["loss"].float()
+                loss = self._agree_on_finiteness(out["loss"].float())
                 check_finite_loss(loss, iteration=iteration, epoch=epoch, last_checkpoint=self.last_checkpoint())
                 scaled = loss / len(chunks)
                 if self.grad_scaler is not None:
@@ -132,7 +153,7 @@ class PretrainingTrainer(Trainer):
         else:
             self.optimizer.step()
         logs = self.method.on_after_optimizer_step(iteration, self.max_iterations) or {}
-        output: dict[str, Any] = {"loss": total_loss, "lr": lr}
+        output: dict[str, Any] = {"loss": self._mean_over_ranks(total_loss), "lr": lr}
         output.update({k: float(v) for k, v in logs.items()})
         if embeddings is not None and self.collapse_monitor is not None:
             output["collapse_std"] = self.collapse_monitor.update(embeddings, iteration=iteration, epoch=epoch)

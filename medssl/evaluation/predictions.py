@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,17 @@ class PredictionTable:
 
     def trials(self, fraction: float) -> list[int]:
         return sorted({int(t) for t in self.trial[np.isclose(self.fraction, fraction)]})
+
+
+def prediction_rows(test_records: Sequence[Mapping[str, Any]], classes: Sequence[str], y_true: np.ndarray,
+               probs: np.ndarray, trial: int, fraction: float) -> PredictionTable:
+    """Rows of one (trial, fraction) on the test split; the prediction is the argmax of ``probs`` (N, K)."""
+    n = len(test_records)
+    return PredictionTable(
+        classes=list(classes), ids=np.array([str(r["id"]) for r in test_records], dtype=object),
+        split=np.array(["test"] * n, dtype=object), trial=np.full(n, trial, dtype=np.int64),
+        fraction=np.full(n, float(fraction)), y_true=np.asarray(y_true, dtype=np.int64),
+        y_pred=np.asarray(probs).argmax(axis=1).astype(np.int64), probs=np.asarray(probs, dtype=np.float64))
 
 
 def write_predictions(path: str | os.PathLike[str], table: PredictionTable) -> None:

@@ -29,6 +29,7 @@ from medssl.evaluation.plots import plot_confusion_matrix, plot_tsne
 from medssl.evaluation.predictions import (
     SUMMARY_DEFINITIONS,
     PredictionTable,
+    prediction_rows,
     summarize_predictions,
     write_predictions,
 )
@@ -171,6 +172,10 @@ def run_evaluation(
         "backbone": {**loaded.info, "input_normalization": loaded.input_normalization},
         "definitions": {**METRIC_DEFINITIONS, **SUMMARY_DEFINITIONS, "bootstrap": BOOTSTRAP_DEFINITION,
                         "fractions": FRACTIONS_DEFINITION, "loss": LOSS_DEFINITIONS[cfg.loss],
+                        "n_train": "labelled training images of the trial's label-fraction subset",
+                        "best_epoch": "epoch (1-based) whose weights had the best validation balanced accuracy",
+                        "val_balanced_accuracy": "balanced accuracy on the val split of the selected model",
+                        "n": "test images scored", "n_test": "test images scored",
                         **extra.pop("definitions", {})},
         "results": _merge_training_records(summary, extra.get("training", {})),
         "plots": plots,
@@ -233,7 +238,7 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
             probs = probe.predict_proba(feats["test"])
             record.update(best_epoch=probe.best_epoch, val_balanced_accuracy=probe.best_val_balanced_accuracy)
         training[(trial, float(fraction))] = record
-        tables.append(_table(data, labels["test"], probs, trial, fraction))
+        tables.append(prediction_rows(data.test, data.classes, labels["test"], probs, trial, fraction))
     definitions = {"protocol": KNN_DEFINITION if cfg["protocol"] == "knn" else
                    "linear classifier on frozen, standardised features; Adam; the epoch with the best "
                    "validation balanced accuracy is tested once"}
@@ -248,15 +253,6 @@ def _run_finetune(data: EvalData, loaded: Any, transform: IndexedLabels, transfo
 
     table, embeddings, training = finetune_trials(data, loaded, transform, cfg)
     return table, embeddings, {"training": training, "definitions": {"protocol": FINETUNE_DEFINITION}}
-
-
-def _table(data: EvalData, y_true: np.ndarray, probs: np.ndarray, trial: int, fraction: float) -> PredictionTable:
-    n = len(data.test)
-    return PredictionTable(
-        classes=list(data.classes), ids=np.array([str(r["id"]) for r in data.test], dtype=object),
-        split=np.array(["test"] * n, dtype=object), trial=np.full(n, trial, dtype=np.int64),
-        fraction=np.full(n, float(fraction)), y_true=y_true, y_pred=probs.argmax(axis=1).astype(np.int64),
-        probs=probs)
 
 
 def _write_plots(out: Path, data: EvalData, table: PredictionTable, summary: list[dict],

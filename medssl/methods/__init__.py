@@ -59,6 +59,7 @@ def build_method(name: str, backbone: nn.Module, **cfg: Any) -> SSLMethod:
 
 __all__ = [
     "BYOL",
+    "HEAD_NAMES",
     "METHODS",
     "SSLMethod",
     "SimCLR",

@@ -120,6 +120,8 @@ class SwAV(SSLMethod):
             the first epoch; 313 is its value for batch 4096 on ImageNet: set one epoch's steps). Default 313.
         num_local_crops: local (small) views after the 2 global ones; ``views_required = 2 + num_local_crops``.
             Default 6.
+        local_crop_size: side in pixels of the local crops, read by the training engine when it builds the
+            multi-crop transform (the method itself accepts any size); None leaves the engine's default.
         crops_for_assign: views whose Sinkhorn assignments are predicted. Default (0, 1).
         queue_length: total queue length over all ranks (0 = no queue); each rank keeps
             ``queue_length // world_size`` past embeddings per assigned crop. Default 0.
@@ -143,6 +145,7 @@ class SwAV(SSLMethod):
         sinkhorn_iterations: int = 3,
         freeze_prototypes_iterations: int = 313,
         num_local_crops: int = 6,
+        local_crop_size: int | None = None,
         crops_for_assign: Sequence[int] = (0, 1),
         queue_length: int = 0,
         queue_start_iteration: int = 0,
@@ -150,7 +153,10 @@ class SwAV(SSLMethod):
         heads_source: str | None = None,
     ) -> None:
         super().__init__(backbone)
+        if num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
         self.views_required = 2 + int(num_local_crops)
+        self.local_crop_size = None if local_crop_size is None else int(local_crop_size)
         self.crops_for_assign = tuple(int(c) for c in crops_for_assign)
         if not self.crops_for_assign or any(not 0 <= c < self.views_required for c in self.crops_for_assign):
             raise ValueError(f"crops_for_assign {crops_for_assign} must index the {self.views_required} views")

@@ -24,15 +24,15 @@ def build_backbone(arch: str, **kwargs: Any) -> nn.Module:
         arch: ``resnet18|34|50|101|152`` (ResNet v1.5, torchvision names) or ``resnetv2_<depth>x<width>``
             (BiT, timm names), e.g. ``resnetv2_50x1``.
         **kwargs: ``small_stem``, ``in_channels``, ``num_classes``, ``widen_factor``; for ResNetV2 also
-            ``norm`` ("gn"|"bn"), ``stem_width``, ``ws_eps``. Unknown options raise ``TypeError``.
+            ``norm`` ("gn"|"bn"), ``stem_width``, ``ws_eps``, ``standardize``. Unknown options raise ``TypeError``.
 
     Returns:
         A module with ``num_features``, ``forward_features(x) -> (N, num_features)``, ``arch`` and
         ``arch_kwargs`` (``build_backbone(m.arch, **m.arch_kwargs)`` rebuilds it).
     """
     if arch in RESNET_SPECS:
-        for key in ("norm", "stem_width", "ws_eps"):
-            if kwargs.get(key) not in (None, "bn"):
+        for key in ("norm", "stem_width", "ws_eps", "standardize"):
+            if kwargs.get(key) not in (None, "bn", True):
                 raise ValueError(f"option {key}={kwargs[key]!r} applies to ResNetV2 only, not {arch}")
             kwargs.pop(key, None)
         return ResNet(arch, **kwargs)

@@ -27,10 +27,10 @@ class StdConv2d(nn.Conv2d):
     ``standardize = False`` turns it into a plain convolution (used after folding).
     """
 
-    def __init__(self, *args: Any, eps: float = 1e-10, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, eps: float = 1e-10, standardize: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.eps = eps
-        self.standardize = True
+        self.standardize = standardize
 
     def standardized_weight(self) -> torch.Tensor:
         """The weight actually convolved: standardised when ``standardize`` is True."""
@@ -43,6 +43,11 @@ class StdConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def std_conv(*args: Any, eps: float, standardize: bool, **kwargs: Any) -> StdConv2d:
+    """A :class:`StdConv2d`, standardising or (after WS folding) plain."""
+    return StdConv2d(*args, eps=eps, standardize=standardize, **kwargs)
 
 
 def gn_groups(channels: int, groups: int = 32) -> int:
@@ -62,9 +67,9 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 class Downsample(nn.Module):
     """Projection shortcut of the first unit of a stage: a strided 1x1 StdConv (no norm: pre-activation)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, eps: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, eps: float, ws: bool = True) -> None:
         super().__init__()
-        self.conv = StdConv2d(in_ch, out_ch, 1, stride=stride, bias=False, eps=eps)
+        self.conv = std_conv(in_ch, out_ch, 1, stride=stride, bias=False, eps=eps, standardize=ws)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -73,16 +78,16 @@ class Downsample(nn.Module):
 class PreActBottleneck(nn.Module):
     """BiT unit: pre-activation bottleneck with mid width ``out_ch // 4`` and stride on the 3x3 conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str, eps: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str, eps: float, ws: bool = True) -> None:
         super().__init__()
         mid = out_ch // 4
-        self.downsample = Downsample(in_ch, out_ch, stride, eps) if (stride != 1 or in_ch != out_ch) else None
+        self.downsample = Downsample(in_ch, out_ch, stride, eps, ws) if (stride != 1 or in_ch != out_ch) else None
         self.norm1 = make_norm(norm, in_ch)
-        self.conv1 = StdConv2d(in_ch, mid, 1, bias=False, eps=eps)
+        self.conv1 = std_conv(in_ch, mid, 1, bias=False, eps=eps, standardize=ws)
         self.norm2 = make_norm(norm, mid)
-        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, bias=False, eps=eps)
+        self.conv2 = std_conv(mid, mid, 3, stride=stride, padding=1, bias=False, eps=eps, standardize=ws)
         self.norm3 = make_norm(norm, mid)
-        self.conv3 = StdConv2d(mid, out_ch, 1, bias=False, eps=eps)
+        self.conv3 = std_conv(mid, out_ch, 1, bias=False, eps=eps, standardize=ws)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.norm1(x))
@@ -96,9 +101,10 @@ class PreActBottleneck(nn.Module):
 class Stage(nn.Module):
     """A stage: ``blocks`` is an nn.Sequential of units (timm's ``stages.{s}.blocks.{j}`` naming)."""
 
-    def __init__(self, in_ch: int, out_ch: int, depth: int, stride: int, norm: str, eps: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, depth: int, stride: int, norm: str, eps: float,
+                 ws: bool = True) -> None:
         super().__init__()
-        units = [PreActBottleneck(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1, norm, eps)
+        units = [PreActBottleneck(in_ch if j == 0 else out_ch, out_ch, stride if j == 0 else 1, norm, eps, ws)
                  for j in range(depth)]
         self.blocks = nn.Sequential(*units)
 
@@ -109,14 +115,14 @@ class Stage(nn.Module):
 class Stem(nn.Module):
     """Root block: StdConv 7x7/2 (pad 3), ConstantPad(1), MaxPool 3/2; or a 3x3/1 conv only (small stem)."""
 
-    def __init__(self, in_ch: int, width: int, small: bool, eps: float) -> None:
+    def __init__(self, in_ch: int, width: int, small: bool, eps: float, ws: bool = True) -> None:
         super().__init__()
         if small:
-            self.conv = StdConv2d(in_ch, width, 3, stride=1, padding=1, bias=False, eps=eps)
+            self.conv = std_conv(in_ch, width, 3, stride=1, padding=1, bias=False, eps=eps, standardize=ws)
             self.pad: nn.Module = nn.Identity()
             self.pool: nn.Module = nn.Identity()
         else:
-            self.conv = StdConv2d(in_ch, width, 7, stride=2, padding=3, bias=False, eps=eps)
+            self.conv = std_conv(in_ch, width, 7, stride=2, padding=3, bias=False, eps=eps, standardize=ws)
             self.pad = nn.ConstantPad2d(1, 0.0)
             self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
 
@@ -148,6 +154,7 @@ class ResNetV2(nn.Module):
         widen_factor: extra multiplier (< 1 for narrow test networks).
         stem_width: stem channels; default 64 x width x widen_factor.
         ws_eps: weight-standardisation epsilon (1e-10 BiT, 1e-8 timm).
+        standardize: False builds plain convolutions (a BiT whose weight standardisation was folded).
     """
 
     def __init__(
@@ -162,6 +169,7 @@ class ResNetV2(nn.Module):
         widen_factor: float = 1.0,
         stem_width: int | None = None,
         ws_eps: float = 1e-10,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         if depth not in RESNETV2_DEPTHS:
@@ -169,11 +177,11 @@ class ResNetV2(nn.Module):
         scale = width * widen_factor
         stem_ch = stem_width if stem_width is not None else int(64 * scale)
         outs = [int(c * scale) for c in (256, 512, 1024, 2048)]
-        self.stem = Stem(in_channels, stem_ch, small_stem, ws_eps)
+        self.stem = Stem(in_channels, stem_ch, small_stem, ws_eps, standardize)
         in_ch = stem_ch
         stages = []
         for i, (out_ch, units) in enumerate(zip(outs, RESNETV2_DEPTHS[depth])):
-            stages.append(Stage(in_ch, out_ch, units, 1 if i == 0 else 2, norm, ws_eps))
+            stages.append(Stage(in_ch, out_ch, units, 1 if i == 0 else 2, norm, ws_eps, standardize))
             in_ch = out_ch
         self.stages = nn.Sequential(*stages)
         self.norm = make_norm(norm, in_ch)
@@ -188,6 +196,7 @@ class ResNetV2(nn.Module):
             "widen_factor": widen_factor,
             "stem_width": stem_width,
             "ws_eps": ws_eps,
+            "standardize": standardize,
         }
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

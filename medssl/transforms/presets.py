@@ -26,8 +26,8 @@ Preset choices (:data:`MODALITIES`), each a :class:`AugmentSpec`:
   flip; crop scale (0.2, 1); blur p 0.5.
 - ``ultrasound``: no vertical flip (the transducer is at the top), no hue (colour Doppler overlays keep their
   meaning), horizontal flip, brightness/contrast 0.4 p 0.8, crop scale (0.2, 1); speckle-tolerant blur: a
-  wider sigma range 0.1-3 px at p 0.5, so views differ in speckle texture and the features learn to ignore it
-  (Chen et al. 2021, USCL).
+  wider sigma range 0.1-3 px at p 0.5 (SimCLR's is 0.1-2), so views differ in speckle texture and the
+  features learn to ignore it (our choice: speckle grain spans a few pixels at typical B-mode resolutions).
 - ``dermatoscopy``: full SimCLR colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8 and grayscale p 0.2 (lighting and
   camera colour vary widely; Azizi et al. 2021 and ISIC practice), rot90 + both flips (no canonical orientation
   of a dermoscopic image), blur p 0.5.

@@ -67,7 +67,6 @@ def window_to_range(
 def _voi(
     gray: np.ndarray,
     ds: pydicom.Dataset,
-    frame: int,
     window: WindowMode,
     percentiles: tuple[float, float],
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -140,7 +139,7 @@ def read_dicom_frame(
         raise MedsslError(f"unsupported Samples per Pixel {samples}", path)
 
     gray = apply_modality_lut(arr, ds)
-    values, (low, high) = _voi(gray, ds, index, window, percentiles)
+    values, (low, high) = _voi(gray, ds, window, percentiles)
     if photometric == "MONOCHROME1":
         values = (low + high) - values
     return values.astype(np.float32)[None], (low, high)

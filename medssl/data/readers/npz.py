@@ -17,11 +17,17 @@ from medssl.errors import MedsslError
 NPZ_SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-@lru_cache(maxsize=8)
 def _load_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Arrays of one split, cached per (path, split, modification time) so a rewritten file is re-read."""
     p = Path(path)
     if not p.is_file():
         raise MedsslError("npz file not found", p)
+    return _load_split_cached(path, split, p.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _load_split_cached(path: str, split: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray | None]:
+    p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as npz:
             key = f"{split}_images"

@@ -48,9 +48,8 @@ def _itk_to_nifti(path: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, affine)
 
 
-@lru_cache(maxsize=2)
 def load_ras_volume(path: str) -> tuple[np.ndarray, tuple[str, str, str]]:
-    """Load a 3D volume reoriented to RAS; cached for the last two files.
+    """Load a 3D volume reoriented to RAS; cached for the last two files (keyed by path and modification time).
 
     Returns:
         ``(data, codes)``: float32 array (X, Y, Z) in RAS order and the axis codes of the file as stored.
@@ -58,6 +57,12 @@ def load_ras_volume(path: str) -> tuple[np.ndarray, tuple[str, str, str]]:
     p = Path(path)
     if not p.is_file():
         raise MedsslError("volume file not found", p)
+    return _load_ras_cached(os.fspath(path), p.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _load_ras_cached(path: str, mtime_ns: int) -> tuple[np.ndarray, tuple[str, str, str]]:
+    p = Path(path)
     name = p.name.lower()
     try:
         img = _itk_to_nifti(p) if name.endswith(ITK_SUFFIXES) else nib.load(str(p))
@@ -85,7 +90,7 @@ def volume_range(data: np.ndarray, mode: VolumeRange = "percentile", percentiles
 
 
 @lru_cache(maxsize=4)
-def _cached_range(path: str, mode: str) -> tuple[float, float]:
+def _cached_range(path: str, mode: str, mtime_ns: int) -> tuple[float, float]:
     return volume_range(load_ras_volume(path)[0], mode)  # type: ignore[arg-type]
 
 
@@ -126,7 +131,7 @@ def read_volume_slice(
     else:
         raise ValueError(f"unknown slice mode {mode!r}: use '2d' or '2.5d'")
     slab = np.stack([np.take(data, i, axis=ax) for i in indices], axis=0)
-    return np.ascontiguousarray(slab, dtype=np.float32), _cached_range(key, range_mode)
+    return np.ascontiguousarray(slab, dtype=np.float32), _cached_range(key, range_mode, os.stat(key).st_mtime_ns)
 
 
 def volume_shape(path: str | os.PathLike[str]) -> tuple[int, int, int]:

@@ -38,8 +38,13 @@ def slide_levels(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in lvl.shape[:2]) for lvl in tif.series[0].levels]  # type: ignore[misc]
 
 
-@lru_cache(maxsize=4)
 def _whole_page(path: str, level: int) -> np.ndarray:
+    """Whole (untiled) page of a level, cached per (path, level, modification time)."""
+    return _whole_page_cached(path, level, os.stat(path).st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _whole_page_cached(path: str, level: int, mtime_ns: int) -> np.ndarray:
     with _open(path) as tif:
         return tif.series[0].levels[level].asarray()
 

@@ -65,6 +65,18 @@ def train_linear_probe(
     Returns:
         the :class:`LinearProbe` of the epoch with the best validation balanced accuracy.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add synchronisation cost
+    try:
+        return _train(train_x, train_y, val_x, val_y, num_classes, loss, gamma, epochs, lr, weight_decay,
+                      batch_size, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
+           loss: str, gamma: float, epochs: int, lr: float, weight_decay: float, batch_size: int,
+           seed: int) -> LinearProbe:
     gen = torch.Generator().manual_seed(seed)
     mean = train_x.mean(axis=0)
     std = train_x.std(axis=0) + 1e-6

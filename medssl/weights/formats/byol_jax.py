@@ -31,6 +31,7 @@ from medssl.weights.safe_unpickle import StubObject, stub_children
 _BLOCK = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/(conv|batchnorm)_(\d+)$")
 _SHORTCUT = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/shortcut_(conv|batchnorm)$")
 _HEAD_LAYER = re.compile(r"^(linear|batch_norm)(?:_(\d+))?$")
+_INITIAL_CONV = re.compile(r"/~/initial_conv(?:_\d+)?$")
 
 
 def as_mapping(obj: Any) -> Mapping | None:
@@ -66,11 +67,11 @@ def _walk(obj: Any, depth: int = 0) -> Iterator[Mapping]:
 
 
 def _is_params(tree: Mapping) -> bool:
-    return any(str(k).endswith("/~/initial_conv") for k in tree)
+    return any(_INITIAL_CONV.search(str(k)) for k in tree)
 
 
 def _is_state(tree: Mapping) -> bool:
-    return any(str(k).endswith("/~/initial_batchnorm/~/mean_ema") for k in tree)
+    return any(re.search(r"/~/initial_batchnorm(?:_\d+)?/~/mean_ema$", str(k)) for k in tree)
 
 
 def find_online_trees(root: Any) -> tuple[Mapping, Mapping]:
@@ -100,12 +101,14 @@ def _bn(params: Mapping, state: Mapping, module: str, target: str, out: dict) ->
             out[f"{target}.{dst}"] = flat_vector(arr)
     for src, dst in (("mean_ema", "running_mean"), ("var_ema", "running_var")):
         arr = _leaf(state, f"{module}/~/{src}", "average")
+        if arr is None:  # e.g. params under 'initial_batchnorm_1', statistics under 'initial_batchnorm'
+            arr = _leaf(state, f"{re.sub(r'_[0-9]+$', '', module)}/~/{src}", "average")
         if arr is not None:
             out[f"{target}.{dst}"] = flat_vector(arr)
 
 
 def _encoder_name(module: str, enc: str) -> str | None:
-    rest = module[len(enc) + 3:]
+    rest = re.sub(r"^(initial_(?:conv|batchnorm))_\d+$", r"\1", module[len(enc) + 3:])
     if rest == "initial_conv":
         return "conv1"
     if rest == "initial_batchnorm":
@@ -146,7 +149,7 @@ def read_byol_jax(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
         params, state = find_online_trees(obj["experiment_state"])
     except ValueError as exc:
         raise MedsslError(f"BYOL JAX checkpoint: {exc}", path) from exc
-    enc = next(str(k)[: -len("/~/initial_conv")] for k in params if str(k).endswith("/~/initial_conv"))
+    enc = next(str(k)[: _INITIAL_CONV.search(str(k)).start()] for k in params if _INITIAL_CONV.search(str(k)))
     backbone: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     for module in params:

@@ -1,0 +1,91 @@
+"""``medssl evaluate`` (one backbone, one dataset, one protocol) and ``medssl report`` (compare EVAL_DIRs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from medssl.errors import MedsslError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` and ``report`` sub-commands."""
+    ev = subparsers.add_parser(
+        "evaluate", help="linear probe / fine-tuning / kNN evaluation with confidence intervals",
+        description="Evaluate a backbone on a labelled dataset; writes results.json, predictions.csv, "
+        "report.md and plots to --out.")
+    ev.add_argument("--backbone", required=True, help="checkpoint file (any supported format) or 'random'")
+    ev.add_argument("--arch", default=None, help="architecture for 'random' (default resnet50) or to force one")
+    ev.add_argument("--small-stem", action="store_true", help="'random' only: 3x3 stride-1 stem, no max-pool")
+    ev.add_argument("--widen-factor", type=float, default=1.0, help="'random' only: width multiplier")
+    ev.add_argument("--trust", action="store_true", help="allow arbitrary pickles in the checkpoint")
+    ev.add_argument("--data", required=True, help="manifest (.jsonl) or folder with one subfolder per class")
+    ev.add_argument("--protocol", choices=("linear", "finetune", "knn"), default="linear")
+    ev.add_argument("--fractions", default="1.0", help="label fractions of the train split, e.g. 0.01,0.1,1.0")
+    ev.add_argument("--trials", type=int, default=3, help="trials (different stratified subsets) per fraction")
+    ev.add_argument("--modality", default="generic", help="eval transform preset (e.g. ultrasound, xray)")
+    ev.add_argument("--image-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--epochs", type=int, default=None, help="default 100 (linear) / 20 (finetune)")
+    ev.add_argument("--lr", type=float, default=None, help="default 1e-3 (linear) / 3e-4 (finetune)")
+    ev.add_argument("--weight-decay", type=float, default=None, help="default 0 (linear) / 1e-4 (finetune)")
+    ev.add_argument("--loss", choices=("focal", "ce", "weighted_ce"), default="focal")
+    ev.add_argument("--gamma", type=float, default=4.0, help="focal loss gamma (default 4)")
+    ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    ev.add_argument("--temperature", type=float, default=0.07, help="kNN temperature")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (>= 1000)")
+    ev.add_argument("--name", default=None, help="label of this initialisation in reports, e.g. P2X")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--num-workers", type=int, default=0)
+    ev.add_argument("--out", required=True, help="EVAL_DIR to write")
+    ev.set_defaults(func=evaluate)
+
+    rep = subparsers.add_parser(
+        "report", help="compare evaluation folders: table with CIs, paired comparisons, plots",
+        description="Comparison table (rows: initialisations, columns: datasets x label fractions) as "
+        "Markdown and CSV, paired bootstrap comparisons and plots.")
+    rep.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR")
+    rep.add_argument("-o", "--out", required=True, help="OUT_DIR")
+    rep.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN_DIR",
+                     help="pretraining run folders (metrics.jsonl) for loss and kNN curves")
+    rep.add_argument("--bootstrap", type=int, default=1000, help="resamples of the paired bootstrap")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(func=report)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Handler of ``medssl evaluate``."""
+    import torch
+
+    from medssl.evaluation.fractions import parse_fractions
+    from medssl.evaluation.run import run_evaluation
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fractions = parse_fractions(args.fractions)
+    except ValueError as exc:
+        raise MedsslError(str(exc)) from None
+    arch_kwargs = {"small_stem": True} if args.small_stem else {}
+    if args.widen_factor != 1.0:
+        arch_kwargs["widen_factor"] = args.widen_factor
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = run_evaluation(
+        args.data, args.out, backbone=args.backbone, trust=args.trust, protocol=args.protocol,
+        arch=args.arch, arch_kwargs=arch_kwargs, fractions=fractions, trials=args.trials,
+        modality=args.modality, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
+        lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, gamma=args.gamma, k=args.k,
+        temperature=args.temperature, seed=args.seed, bootstrap=args.bootstrap, name=args.name, device=device,
+        num_workers=args.num_workers)
+    print(out / "report.md")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Handler of ``medssl report``."""
+    from medssl.evaluation.report import compare_evaluations
+
+    path = compare_evaluations(args.eval_dirs, args.out, pretrain_runs=args.pretrain_runs,
+                               n_resamples=args.bootstrap, seed=args.seed)
+    print(path)
+    return 0

@@ -1,0 +1,147 @@
+"""Fine-tuning protocol (Ciga et al.): the whole network plus a linear head trained on MONAI engines.
+
+Per (trial, label fraction): a fresh copy of the backbone, ``InputNormalization`` in front and a
+``Linear(num_features, K)`` head, trained with ``monai.engines.SupervisedTrainer`` (Adam, lr 3e-4, weight decay
+1e-4 by default, the configured loss) for ``epochs`` epochs; after every epoch a
+``monai.engines.SupervisedEvaluator`` computes the validation balanced accuracy (ignite ``Recall(average=True)``
+= macro recall); the weights of the first epoch reaching the best value are restored and the test set is
+predicted once. Images go through the deterministic eval transform (no augmentation).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from ignite.metrics import Recall
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import ValidationHandler
+from torch import nn
+
+from medssl.evaluation.features import extract_features, make_loader
+from medssl.evaluation.fractions import label_fraction_subsets
+from medssl.evaluation.losses import build_loss
+from medssl.evaluation.predictions import PredictionTable, concat_tables, prediction_rows
+from medssl.models import InputNormalization
+
+log = logging.getLogger("medssl.evaluation.finetune")
+
+FINETUNE_DEFINITION = (
+    "whole network + linear head trained with Adam (MONAI SupervisedTrainer) on the label-fraction subset; "
+    "validation balanced accuracy (ignite Recall(average=True)) after every epoch; the best epoch's weights "
+    "predict the test set once; eval transform without augmentation"
+)
+
+
+class FineTuneClassifier(nn.Module):
+    """[0,1] images (N,3,H,W) -> logits (N,K): normalisation, backbone features, linear head."""
+
+    def __init__(self, backbone: nn.Module, normalization: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.normalization = normalization
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(self.normalization(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _val_output(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return output["pred"], output["label"].long().view(-1)
+
+
+def finetune_once(
+    model: FineTuneClassifier,
+    train_records: list[dict],
+    val_records: list[dict],
+    transform: Any,
+    cfg: Mapping[str, Any],
+    train_labels: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """Train ``model`` in place; afterwards it holds the best-validation weights. Returns the training record."""
+    device = torch.device(cfg["device"])
+    model.to(device)
+    torch.manual_seed(seed)
+    train_loader = make_loader(train_records, transform, cfg["batch_size"], shuffle=True,
+                               num_workers=cfg["num_workers"])
+    val_loader = make_loader(val_records, transform, cfg["batch_size"], num_workers=cfg["num_workers"])
+    num_classes = model.head.out_features
+    criterion = build_loss(cfg["loss"], num_classes, gamma=cfg["gamma"], train_labels=train_labels)
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=val_loader, network=model, decollate=False,
+        key_val_metric={"val_balanced_accuracy": Recall(average=True, output_transform=_val_output)})
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=cfg["epochs"], train_data_loader=train_loader, network=model,
+        optimizer=optimizer, loss_function=lambda pred, label: criterion(pred, label.long().view(-1)),
+        decollate=False, train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True)])
+    best: dict[str, Any] = {"value": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+
+    @evaluator.on(Events.COMPLETED)
+    def _keep_best(engine: Any) -> None:
+        value = float(engine.state.metrics["val_balanced_accuracy"])
+        if value > best["value"]:
+            best.update(value=value, epoch=int(trainer.state.epoch),
+                        state=copy.deepcopy(model.state_dict()))
+
+    trainer.run()
+    model.load_state_dict(best["state"])
+    model.eval()
+    return {"best_epoch": best["epoch"], "val_balanced_accuracy": best["value"]}
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, records: list[dict], transform: Any, cfg: Mapping[str, Any]) -> np.ndarray:
+    """Softmax probabilities (N, K) of ``records`` in order."""
+    model.eval()
+    loader = make_loader(records, transform, cfg["batch_size"], num_workers=cfg["num_workers"])
+    logits = extract_features(model, loader, cfg["device"], desc="test predictions")
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+def finetune_trials(data: Any, loaded: Any, transform: Any,
+                    cfg: Mapping[str, Any]) -> tuple[PredictionTable, np.ndarray, dict]:
+    """Every (trial, fraction) fine-tuning run; returns predictions, test embeddings and training records.
+
+    The embeddings for the t-SNE plot are the features of the run with trial 0 at the largest fraction.
+    """
+    k = len(data.classes)
+    labels = np.asarray(data.labels("train"), dtype=np.int64)
+    test_labels = np.asarray(data.labels("test"), dtype=np.int64)
+    subsets = label_fraction_subsets(data.train, cfg["fractions"], cfg["trials"], seed=cfg["seed"])
+    tables, training, embeddings = [], {}, np.zeros((0, 0))
+    largest = max(cfg["fractions"])
+    for (trial, fraction), idx in sorted(subsets.items()):
+        seed = cfg["seed"] + 1000 * trial
+        model = FineTuneClassifier(copy.deepcopy(loaded.model),
+                                   InputNormalization.from_spec(loaded.input_normalization), k)
+        log.info("fine-tuning trial %d, fraction %g: %d training images", trial, fraction, len(idx))
+        record = finetune_once(model, [data.train[i] for i in idx], data.val, transform, cfg, labels[idx], seed)
+        record["n_train"] = int(len(idx))
+        training[(trial, float(fraction))] = record
+        probs = predict_proba(model, data.test, transform, cfg)
+        tables.append(prediction_rows(data.test, data.classes, test_labels, probs, trial, fraction))
+        if trial == 0 and fraction == largest:
+            loader = make_loader(data.test, transform, cfg["batch_size"], num_workers=cfg["num_workers"])
+            embeddings = extract_features(_Features(model), loader, cfg["device"], desc="test embeddings")
+    return concat_tables(tables), embeddings, training
+
+
+class _Features(nn.Module):
+    def __init__(self, model: FineTuneClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)

@@ -1,0 +1,88 @@
+"""Acceptance 3: a run stopped after 3 steps and resumed with ``medssl pretrain --resume`` ends with exactly the
+parameters of a straight 6-step run, for every method (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.io import imsave
+
+from medssl.cli import main as medssl_main
+from medssl.engines.checkpoint import list_checkpoints, load_checkpoint_file
+from medssl.engines.config import PretrainConfig
+from medssl.engines.run import run_pretraining
+
+METHOD_OPTIONS = {
+    "simclr": {"projector_hidden_dim": 16, "projector_out_dim": 8},
+    "swav": {"projector_hidden_dim": 16, "projector_out_dim": 8, "num_prototypes": 6, "num_local_crops": 2,
+             "freeze_prototypes_iterations": 2, "queue_length": 16, "queue_start_iteration": 2},
+    "byol": {"projector_hidden_dim": 16, "projector_out_dim": 8},
+    "simsiam": {"projector_hidden_dim": 16, "projector_out_dim": 16, "predictor_hidden_dim": 8},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster here
+    yield
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir()
+        for i in range(8):
+            imsave(root / label / f"{i}.png", (rng.random((36, 36, 3)) * 255).astype(np.uint8), check_contrast=False)
+    return root
+
+
+def _config(data: Path, out: Path, method: str, **extra) -> PretrainConfig:
+    values = {"workers": 0, **extra}
+    return PretrainConfig(data=str(data), out=str(out), method=method, arch="resnet18", small_stem=True,
+                          widen_factor=0.125, image_size=32, batch_size=8, iterations=6, knn_every=0,
+                          method_options=METHOD_OPTIONS[method], checkpoint_every=0, checkpoint_every_epochs=0,
+                          **values)
+
+
+@pytest.mark.parametrize("method", ["simclr", "swav", "byol", "simsiam"])
+def test_resume_continues_exactly(tiny_folder, tmp_path, method):
+    straight = run_pretraining(_config(tiny_folder, tmp_path / "straight", method), progress=False)
+    stopped = _config(tiny_folder, tmp_path / "stopped", method, stop_after=3,
+                      workers=2 if method == "simclr" else 0)  # worker count must not matter
+    run_pretraining(stopped, progress=False)
+    assert [it for it, _ in list_checkpoints(tmp_path / "stopped")] == [3]
+    assert not (tmp_path / "stopped" / "backbone.safetensors").exists()
+    mid = load_checkpoint_file(list_checkpoints(tmp_path / "stopped")[0][1])["method"]
+
+    rc = medssl_main(["pretrain", "--resume", "--out", str(tmp_path / "stopped"), "--no-progress"])
+    assert rc == 0
+    a = load_checkpoint_file(list_checkpoints(straight)[-1][1])
+    b = load_checkpoint_file(list_checkpoints(tmp_path / "stopped")[-1][1])
+    assert a["iteration"] == b["iteration"] == 6
+    assert a["method"].keys() == b["method"].keys()
+    diff = max((a["method"][k].double() - b["method"][k].double()).abs().max().item() for k in a["method"])
+    assert diff <= 1e-6
+    moved = max((a["method"][k].double() - mid[k].double()).abs().max().item()
+                for k in a["method"] if a["method"][k].is_floating_point())
+    assert moved > 1e-4  # the last three steps did change the weights
+    # the metrics log of the resumed run equals the straight one line for line
+    lines_a = (straight / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    assert lines_a == lines_b and len(lines_a) == 6
+    assert (tmp_path / "stopped" / "backbone.safetensors").exists()
+
+
+def test_refuses_non_empty_run_dir(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something.txt").write_text("x")
+    rc = medssl_main(["pretrain", "--data", str(tiny_folder), "--method", "simclr", "--out", str(out)])
+    assert rc == 2
+    assert "not empty" in capsys.readouterr().err
+    rc = medssl_main(["pretrain", "--resume", "--out", str(tmp_path / "missing")])
+    assert rc == 2

@@ -169,12 +169,27 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, data: str | os
     Raises:
         MedsslError: ``data`` missing or without labels/classes.
     """
+    import torch
+
+    settings = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    # leave one core per data-loading worker: on a small (2-core) or busy machine, compute threads competing with
+    # the loader slow every step many times over
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - settings.workers)))
+    try:
+        return _run_demo(Path(out), settings, data, modality, progress, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, settings: DemoSettings, data: str | os.PathLike[str] | None, modality: str | None,
+              progress: bool, seed: int) -> Path:
     from medssl.data.synthetic import write_synthetic_dataset
     from medssl.evaluation.report import compare_evaluations
 
-    settings = QUICK if quick else FULL
-    out = Path(out)
     synthetic = data is None
+    if not synthetic and not Path(data).exists():
+        raise MedsslError("demo data not found", data)
     modality = modality or ("ultrasound" if synthetic else "generic")
     total, timings = 6, {}
     started = time.perf_counter()
@@ -186,8 +201,6 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, data: str | os
                                          size=settings.stored_size, domain="target", seed=seed)
     else:
         target = Path(data)
-        if not target.exists():
-            raise MedsslError("demo data not found", target)
     timings["data"] = time.perf_counter() - t
     runs = out / "runs"
     t = _stage(2, total, "first stage: SimCLR from random init on the source domain (stand-in for ImageNet)")

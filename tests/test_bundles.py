@@ -164,9 +164,30 @@ def test_dermatoscopy_defaults_from_a_bit_checkpoint(tiny_manifest: Path, tmp_pa
     out = load_checkpoint(run_dir / "backbone.safetensors")
     assert out.arch == "resnetv2_50x1" and out.arch_kwargs["norm"] == "bn"
     assert out.input_normalization["mean"] == [0.5] * 3
-    done = {op["operation"] for op in out.provenance["operations"]}
-    assert {"frobenius_scaling", "dead_filter_repair"} <= done
-    assert any("norm" in name or "bn" in name for name in done - {"frobenius_scaling", "dead_filter_repair"})
+    done = {op["operation"]: op for op in out.provenance["operations"]}
+    assert {"gn_to_bn", "frobenius_scaling", "dead_filter_repair"} <= set(done)
+    assert done["gn_to_bn"]["count"] == sum(isinstance(m, torch.nn.GroupNorm) for m in bit.modules())
+
+
+def test_run_from_the_bundle_folder_with_default_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --bundle_root: data is read from ./data/manifest.jsonl, outputs go to ./runs and ./models."""
+    import shutil
+
+    from monai.bundle import run
+
+    from medssl.data.synthetic import write_synthetic_dataset
+
+    bundle = tmp_path / "mri"
+    shutil.copytree(BUNDLES / "mri", bundle)
+    write_synthetic_dataset(bundle / "data", per_class=4, size=32)
+    monkeypatch.chdir(bundle)
+    overrides = pretrain_overrides(Path("unused"), "simclr")
+    overrides.pop("data")
+    run(config_file=["configs/common.yaml", "configs/pretrain.yaml"], **overrides)
+    config = json.loads((bundle / "runs" / "pretrain_simclr" / "config.json").read_text())
+    assert Path(config["data"]).resolve() == (bundle / "data" / "manifest.jsonl").resolve()
+    assert (bundle / "runs" / "pretrain_simclr" / "backbone.safetensors").is_file()
+    assert (bundle / "models" / "model.pt").is_file()
 
 
 def test_evaluate_random_backbone_knn(tiny_manifest: Path, tmp_path: Path) -> None:

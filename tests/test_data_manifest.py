@@ -191,3 +191,17 @@ def test_datalist_maps_splits(tmp_path):
     assert counts == {"training": 1, "validation": 1, "test": 0, "pretrain": 1}
     assert data["validation"][0]["image"] == "a.png" and data["training"][0]["image"] == "/abs/b.png"
     assert data["training"][0]["label_index"] is None and data["labels"] == ["a"]
+
+
+def test_container_records_are_distinct_images_but_true_duplicates_are_found():
+    """npz/h5/tile records share one file path: their index fields make them different images."""
+    from medssl.data.manifest import check_records
+
+    recs = [{"id": f"r{i}", "image": "/data/x.npz", "index": i, "npz_split": "train", "label": "0",
+             "split": "train"} for i in range(3)]
+    recs += [{"id": f"t{i}", "image": "/data/s.svs", "x": 224 * i, "y": 0, "level": 0, "tile_size": 224,
+              "label": "0", "split": "train"} for i in range(2)]
+    assert [p for p in check_records(recs, check_files=False) if "duplicate" in p] == []
+    recs.append(dict(recs[1], id="again"))
+    dups = [p for p in check_records(recs, check_files=False) if "duplicate" in p]
+    assert dups == ["duplicate image: records r1 and again both read /data/x.npz index 1 npz_split train"]

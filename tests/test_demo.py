@@ -57,3 +57,27 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert load_checkpoint(out / "runs" / "p1x" / "backbone.safetensors").provenance["format"] == "random_init"
     summary = json.loads((out / "demo.json").read_text())
     assert summary["synthetic_data"] is True and summary["seconds"]["total"] > 0
+
+
+def test_demo_with_missing_data_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from medssl.cli import main
+
+    missing = tmp_path / "nowhere" / "manifest.jsonl"
+    assert main(["demo", "--out", str(tmp_path / "out"), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(missing) in err and "not found" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the input is checked
+
+
+def test_bundle_demo_command_reaches_the_demo(tmp_path: Path) -> None:
+    """bundles/ultrasound/configs/demo.yaml passes its options to medssl.demo.run_demo (checked via --demo_data)."""
+    from monai.bundle import run
+
+    from medssl.errors import MedsslError
+
+    missing = tmp_path / "user" / "manifest.jsonl"
+    with pytest.raises(RuntimeError) as info:
+        run(config_file=str(REPO / "bundles" / "ultrasound" / "configs" / "demo.yaml"), bundle_root=str(tmp_path),
+            demo_out=str(tmp_path / "demo"), demo_data=str(missing), quick=True)
+    cause = info.value.__cause__
+    assert isinstance(cause, MedsslError) and str(missing) in str(cause)

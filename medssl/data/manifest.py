@@ -284,7 +284,7 @@ def check_records(
         )
     first: dict[tuple[Any, ...], str] = {}
     for record in records:
-        key = (record["image"], record.get("frame"), record.get("slice"), record.get("axis"))
+        key = _image_key(record)
         if key in first:
             problems.append(f"duplicate image: records {first[key]} and {record['id']} both read {_describe(key)}")
         else:
@@ -293,7 +293,16 @@ def check_records(
     return problems
 
 
+#: record fields that, with ``image``, say which pixels a record reads (frames, slices, container entries, tiles)
+_LOCATION_FIELDS = ("frame", "slice", "axis", "index", "npz_split", "h5_key", "x", "y", "level", "tile_size")
+
+
+def _image_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What a record reads: its image path plus every location field (so npz/h5/tile records are distinct)."""
+    return (record["image"],) + tuple(record.get(name) for name in _LOCATION_FIELDS)
+
+
 def _describe(key: tuple[Any, ...]) -> str:
-    image, frame, slice_, axis = key
-    extra = "".join(f" {n} {v}" for n, v in (("frame", frame), ("slice", slice_), ("axis", axis)) if v is not None)
+    image, *values = key
+    extra = "".join(f" {n} {v}" for n, v in zip(_LOCATION_FIELDS, values) if v is not None)
     return f"{image}{extra}"

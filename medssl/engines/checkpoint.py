@@ -85,9 +85,16 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep_last: in
 
 
 def build_checkpoint_state(*, iteration: int, epoch: int, method: torch.nn.Module, optimizer: Any,
-                           scaler: Any, schedule: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """Gather everything a resume needs into one weights-only-loadable dict."""
+                           scaler: Any, schedule: Any, config: dict[str, Any],
+                           per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Gather everything a resume needs into one weights-only-loadable dict.
+
+    Args:
+        per_rank: with several processes, every rank's ``{"method_extra", "rng"}`` (index = rank), so each
+            rank gets its own SwAV queue and generators back (see :func:`rank_state`).
+    """
     return {
+        "per_rank": per_rank,
         "format": CHECKPOINT_FORMAT,
         "version": 1,
         "iteration": int(iteration),
@@ -120,14 +127,24 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 
 def restore_training_state(state: dict[str, Any], *, method: torch.nn.Module, optimizer: Any, scaler: Any,
-                           schedule: Any, restore_rng: bool = True) -> None:
+                           schedule: Any, restore_rng: bool = True, rank: int = 0, world_size: int = 1) -> None:
     """Load a checkpoint dict into the live objects (strict for the method's parameters and buffers)."""
     method.load_state_dict(state["method"], strict=True)
+    extra, rng = rank_state(state, rank, world_size)
     if hasattr(method, "load_extra_state"):
-        method.load_extra_state(state.get("method_extra") or {})
+        method.load_extra_state(extra or {})
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     schedule.load_state_dict(state["schedule"])
     if restore_rng:
-        restore_rng_state(state["rng"])
+        restore_rng_state(rng)
+
+
+def rank_state(state: dict[str, Any], rank: int = 0, world_size: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method_extra, rng)`` for ``rank``: its own entry when the checkpoint was written by as many
+    processes, else rank 0's (a resume with another process count is not bit-exact)."""
+    per_rank = state.get("per_rank")
+    if per_rank and len(per_rank) == world_size and world_size > 1:
+        return per_rank[rank]["method_extra"], per_rank[rank]["rng"]
+    return state.get("method_extra") or {}, state["rng"]

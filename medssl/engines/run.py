@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from medssl.engines.checkpoint import (
     build_checkpoint_state,
+    capture_rng_state,
     latest_checkpoint,
     load_checkpoint_file,
     restore_training_state,
@@ -245,7 +246,7 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
         collapse_monitor=collapse, last_checkpoint=lambda: latest_checkpoint(run_dir))
     if state is not None:
         restore_training_state(state, method=method, optimizer=optimizer, scaler=trainer.grad_scaler,
-                               schedule=schedule)
+                               schedule=schedule, rank=rank, world_size=world)
         trainer.state.iteration = start
         trainer.state.epoch = start // steps_per_epoch
     if rank == 0:
@@ -277,14 +278,21 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
     saved: set[int] = set()
 
     def save(engine: Any) -> None:
+        """Collective over ranks (per-rank queues and generators are gathered); rank 0 writes."""
         it = engine.state.iteration
-        if rank != 0 or it in saved:
+        if it in saved:
             return
         saved.add(it)
-        save_checkpoint(run_dir, build_checkpoint_state(
-            iteration=it, epoch=engine.state.epoch, method=method, optimizer=trainer.optimizer,
-            scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict()),
-            keep_last=config.keep_checkpoints)
+        per_rank = None
+        if idist.get_world_size() > 1:
+            mine = {"method_extra": method.extra_state(), "rng": capture_rng_state()}
+            per_rank = [None] * idist.get_world_size()
+            torch.distributed.all_gather_object(per_rank, mine)
+        if rank == 0:
+            save_checkpoint(run_dir, build_checkpoint_state(
+                iteration=it, epoch=engine.state.epoch, method=method, optimizer=trainer.optimizer,
+                scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict(), per_rank=per_rank),
+                keep_last=config.keep_checkpoints)
 
     if config.checkpoint_every > 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config.checkpoint_every), save)
@@ -309,6 +317,11 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
             sinks.append(metrics.write)
         attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=max_iterations,
                            sinks=sinks)
+    @trainer.on(Events.COMPLETED)
+    def _final_checkpoint(engine: Any) -> None:
+        if engine.state.iteration >= max_iterations:
+            save(engine)
+
     if rank != 0:
         return
     attach_iteration_logging(trainer, metrics, every=config.log_every)
@@ -325,7 +338,6 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
         if engine.state.iteration < max_iterations:
             tb.close()
             return
-        save(engine)
         _write_backbone(run_dir, config, method, spec=spec, reports=reports, source=source,
                         head_names=head_names, iteration=engine.state.iteration)
         tb.close()

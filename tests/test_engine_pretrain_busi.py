@@ -21,7 +21,7 @@ from medssl.engines.run import run_pretraining
 
 # per method: options for tiny heads, and an optimizer/lr that moves a width-1/8 ResNet-18 within 12 steps
 SETTINGS = {
-    "simclr": ({"projector_hidden_dim": 32, "projector_out_dim": 16, "temperature": 0.5}, "sgd", 0.5),
+    "simclr": ({"projector_hidden_dim": 32, "projector_out_dim": 16, "temperature": 0.5}, "lars", 5.0),
     "swav": ({"projector_hidden_dim": 32, "projector_out_dim": 16, "num_prototypes": 10, "num_local_crops": 0,
               "freeze_prototypes_iterations": 2}, "adam", 3e-3),
     "byol": ({"projector_hidden_dim": 32, "projector_out_dim": 16}, "adam", 3e-3),
@@ -76,7 +76,7 @@ def test_short_run_lowers_loss_logs_knn_and_writes_backbone(busi_folders, tmp_pa
     losses = [e["loss"] for e in events if "loss" in e]
     assert len(losses) == 12
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first - 0.1 * abs(first) or last < first - 0.1, (first, last, losses)
+    assert last < first - 0.1, (first, last, losses)  # margins seen: simclr 0.27, swav 0.8, byol 1.0, simsiam 0.25
     knn_events = [e for e in events if "knn_balanced_accuracy" in e]
     assert len(knn_events) == 1 and knn_events[0]["iteration"] == 12
     assert 0.0 <= knn_events[0]["knn_balanced_accuracy"] <= 1.0
@@ -157,3 +157,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(busi_folders, tmp_path, m
     assert medssl_main(["pretrain", "--resume", "--out", str(run_dir), "--no-progress"]) == 0
     assert [it for it, _ in list_checkpoints(run_dir)][-1] == 6
     assert (run_dir / "backbone.safetensors").exists()
+    # steps logged after the last checkpoint before each failure were dropped on resume: no duplicates
+    logged = [e["iteration"] for e in _read_metrics(run_dir) if "loss" in e]
+    assert logged == [1, 2, 3, 4, 5, 6]

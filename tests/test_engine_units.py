@@ -52,7 +52,7 @@ def test_lars_step_equals_hand_computation():
                lr=lr, momentum=mom, weight_decay=wd, eta=eta)
     w_np, b_np = w.detach().double().numpy().copy(), bias.detach().double().numpy().copy()
     buf_w = buf_b = None
-    for step in range(3):
+    for _ in range(3):
         gw, gb = torch.randn(4, 3), torch.randn(4)
         w.grad, bias.grad = gw.clone(), gb.clone()
         opt.step()

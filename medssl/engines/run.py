@@ -141,7 +141,12 @@ def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], 
     if wants_prep:
         from medssl.weights.prepare import prepare_backbone
 
+        from medssl.models import StdConv2d
+
+        # Frobenius scaling is a no-op on weight-standardised convs: fold WS first (exact) so BiT is scaled too
+        standardized = any(isinstance(m, StdConv2d) and m.standardize for m in backbone.modules())
         reports = prepare_backbone(backbone, norm=config.norm if config.init != "random" else "keep",
+                                   fold_ws=config.scale_frobenius and standardized,
                                    scale_frobenius=config.scale_frobenius, dead_filters=config.dead_filters,
                                    seed=config.seed)
     return backbone.train(), spec, heads, reports, source
@@ -317,6 +322,7 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
             sinks.append(metrics.write)
         attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=max_iterations,
                            sinks=sinks)
+
     @trainer.on(Events.COMPLETED)
     def _final_checkpoint(engine: Any) -> None:
         if engine.state.iteration >= max_iterations:

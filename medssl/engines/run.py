@@ -139,9 +139,8 @@ def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], 
     wants_prep = (config.norm == "bn" and config.init != "random") or config.scale_frobenius or \
         config.dead_filters != "none"
     if wants_prep:
-        from medssl.weights.prepare import prepare_backbone
-
         from medssl.models import StdConv2d
+        from medssl.weights.prepare import prepare_backbone
 
         # Frobenius scaling is a no-op on weight-standardised convs: fold WS first (exact) so BiT is scaled too
         standardized = any(isinstance(m, StdConv2d) and m.standardize for m in backbone.modules())

@@ -19,15 +19,6 @@ from medssl.weights.norm import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and much faster when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bit(**kwargs) -> nn.Module:
     """A narrow BiT R50x1 (StdConv + GroupNorm) with non-trivial GroupNorm affine parameters."""
     torch.manual_seed(0)

@@ -15,15 +15,6 @@ from medssl.models import build_backbone
 from medssl.weights.stats import filter_statistics, format_stats_table, plot_filter_histogram
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and much faster when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _planted_resnet() -> nn.Module:
     """A narrow ResNet-50 where some filters are set to known norms (0, 0.05, 3) in each layer type."""
     torch.manual_seed(0)

@@ -21,15 +21,6 @@ from medssl.weights.surgery import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and much faster when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Give every BatchNorm non-trivial affine parameters and running statistics."""
     with torch.no_grad():

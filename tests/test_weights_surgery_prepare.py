@@ -15,15 +15,6 @@ from medssl.weights.norm import recalibrate_bn
 from medssl.weights.prepare import prepare_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and much faster when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bit() -> nn.Module:
     torch.manual_seed(0)
     return build_backbone("resnetv2_50x1", widen_factor=0.125, small_stem=True).eval()

@@ -8,6 +8,7 @@ from typing import Any
 
 from medssl.weights.detect import tensors_only
 from medssl.weights.formats.common import NORM_IMAGENET, ReaderOutput, split_prefix, torchvision_backbone
+from medssl.weights.formats.simsiam import read_encoder_and_heads
 from medssl.weights.formats.torchvision import strip_module
 
 
@@ -26,17 +27,6 @@ def read_moco_v2(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
 
 def read_moco_v3(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
     """Base encoder with its ``fc`` projector, and the predictor; the momentum encoder is skipped."""
-    state = strip_module(tensors_only(obj["state_dict"], path))
-    backbone, rest = torchvision_backbone(split_prefix(state, "base_encoder."), keep_fc=False)
-    out = ReaderOutput(backbone, dict(NORM_IMAGENET))
-    projector = split_prefix(rest, "fc.")
-    if projector:
-        out.heads["projector"] = projector
-    predictor = split_prefix(state, "predictor.")
-    if predictor:
-        out.heads["predictor"] = predictor
-    out.skipped = sorted(f"base_encoder.{k}" for k in rest if not k.startswith("fc."))
-    out.skipped += sorted(k for k in state if not k.startswith(("base_encoder.", "predictor.")))
-    out.skipped += sorted(k for k in obj if k != "state_dict")
+    out = read_encoder_and_heads(obj, path, "base_encoder.")
     out.notes.append("MoCo v3: base_encoder imported; momentum_encoder skipped")
     return out

@@ -11,11 +11,11 @@ from medssl.weights.formats.common import NORM_IMAGENET, ReaderOutput, split_pre
 from medssl.weights.formats.torchvision import strip_module
 
 
-def read_simsiam(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
-    """Encoder backbone, its ``fc`` projector and the predictor."""
+def read_encoder_and_heads(obj: Any, path: str | os.PathLike[str], encoder: str) -> ReaderOutput:
+    """``state_dict`` with a torchvision encoder under ``encoder`` (its ``fc`` MLP = projector) and a
+    ``predictor.`` MLP, as written by SimSiam (``encoder.``) and MoCo v3 (``base_encoder.``)."""
     state = strip_module(tensors_only(obj["state_dict"], path))
-    encoder = split_prefix(state, "encoder.")
-    backbone, rest = torchvision_backbone(encoder, keep_fc=False)
+    backbone, rest = torchvision_backbone(split_prefix(state, encoder), keep_fc=False)
     out = ReaderOutput(backbone, dict(NORM_IMAGENET))
     projector = split_prefix(rest, "fc.")
     if projector:
@@ -23,7 +23,12 @@ def read_simsiam(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
     predictor = split_prefix(state, "predictor.")
     if predictor:
         out.heads["predictor"] = predictor
-    out.skipped = sorted(f"encoder.{k}" for k in rest if not k.startswith("fc."))
-    out.skipped += sorted(k for k in state if not k.startswith(("encoder.", "predictor.")))
+    out.skipped = sorted(f"{encoder}{k}" for k in rest if not k.startswith("fc."))
+    out.skipped += sorted(k for k in state if not k.startswith((encoder, "predictor.")))
     out.skipped += sorted(k for k in obj if k != "state_dict")
     return out
+
+
+def read_simsiam(obj: Any, path: str | os.PathLike[str]) -> ReaderOutput:
+    """Encoder backbone, its ``fc`` projector and the predictor."""
+    return read_encoder_and_heads(obj, path, "encoder.")

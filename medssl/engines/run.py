@@ -78,7 +78,8 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: 
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise MedsslError("output folder is not empty; use --resume to continue it or --overwrite", run_dir)
-        _clear_run_outputs(run_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 deletes (no race)
+            _clear_run_outputs(run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
     with idist.Parallel(backend=backend) as parallel:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -23,7 +22,6 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 
 from medssl.cli import main
 from medssl.evaluation.bootstrap import bootstrap_ci
-from medssl.models import IMAGENET_NORMALIZATION, build_backbone
 
 # a class-stratified subset keeps the test within its time budget on 2 shared cores
 PER_CLASS = {"benign": 50, "malignant": 40, "normal": 30}
@@ -36,18 +34,20 @@ ARGS = ["--arch", "resnet18", "--small-stem", "--widen-factor", "0.125", "--prot
 def busi_evals(shared_data, tmp_path_factory):
     from medssl.data.manifest import write_manifest
     from medssl.data.sources import records_from_path
-    from medssl.weights import save_medssl_file
 
     root = tmp_path_factory.mktemp("busi_eval")
     records = sorted(records_from_path(shared_data / "busi"), key=lambda r: r["id"])
     chosen = [r for c, n in PER_CLASS.items() for r in [r for r in records if r["label"] == c][:n]]
     manifest = root / "busi_subset.jsonl"
     write_manifest(manifest, chosen)
-    torch.manual_seed(1234)  # a second, differently seeded initialisation saved as a medssl file
-    other = build_backbone("resnet18", small_stem=True, widen_factor=0.125)
-    ckpt = root / "p2x.safetensors"
-    save_medssl_file(ckpt, other.state_dict(), arch=other.arch, arch_kwargs=other.arch_kwargs,
-                     input_normalization=IMAGENET_NORMALIZATION, provenance={"source": "test: seeded init"})
+    # the second backbone is briefly pretrained (SimCLR, 6 steps from random init) on the subset, labels unused
+    run = root / "pretrain"
+    assert main(["pretrain", "--data", str(manifest), "--method", "simclr", "--init", "random",
+                 "--arch", "resnet18", "--small-stem", "--widen-factor", "0.125", "--image-size", "32",
+                 "--iterations", "6", "--batch-size", "16", "--lr", "0.5", "--optimizer", "sgd",
+                 "--modality", "ultrasound", "--workers", "0", "--knn-every", "0", "--seed", "3",
+                 "--no-progress", "--out", str(run)]) == 0
+    ckpt = run / "backbone.safetensors"
     out_random, out_p2x = root / "ev_random", root / "ev_p2x"
     assert main(["evaluate", "--backbone", "random", "--data", str(manifest), "--name", "Random",
                  "--out", str(out_random), *ARGS]) == 0

@@ -86,3 +86,59 @@ def test_refuses_non_empty_run_dir(tiny_folder, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     rc = medssl_main(["pretrain", "--resume", "--out", str(tmp_path / "missing")])
     assert rc == 2
+
+
+def test_device_augmentation_resumes_exactly_and_cuts_the_views_itself(tiny_folder, tmp_path, monkeypatch):
+    """``augment_on="device"``: the loader delivers 72 px base images (2 x 32 + centre crop) and the trainer cuts
+    2 global + 2 local SwAV views with kornia; 3 steps + resume + 3 equal 6 straight steps."""
+    from medssl.engines.trainer import PretrainingTrainer
+
+    seen: list[tuple] = []
+    original = PretrainingTrainer._views
+
+    def spy(self, batchdata, iteration):
+        views = original(self, batchdata, iteration)
+        if "image" in batchdata:
+            seen.append((tuple(batchdata["image"].shape), [tuple(v.shape) for v in views]))
+        return views
+
+    monkeypatch.setattr(PretrainingTrainer, "_views", spy)
+    straight = run_pretraining(_config(tiny_folder, tmp_path / "straight", "swav", augment_on="device"),
+                               progress=False)
+    assert seen[0] == ((8, 3, 64, 64), [(8, 3, 32, 32)] * 2 + [(8, 3, 14, 14)] * 2)
+    run_pretraining(_config(tiny_folder, tmp_path / "stopped", "swav", augment_on="device", stop_after=3),
+                    progress=False)
+    run_pretraining(PretrainConfig(out=str(tmp_path / "stopped")), resume=True, progress=False)
+    a = load_checkpoint_file(list_checkpoints(straight)[-1][1])["method"]
+    b = load_checkpoint_file(list_checkpoints(tmp_path / "stopped")[-1][1])["method"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+    seen.clear()
+    loader_run = run_pretraining(_config(tiny_folder, tmp_path / "loader", "swav"), progress=False)
+    assert not seen  # the default path hands finished views to the trainer
+    c = load_checkpoint_file(list_checkpoints(loader_run)[-1][1])["method"]
+    assert max((a[k].double() - c[k].double()).abs().max().item() for k in a) > 1e-4  # other views, other run
+
+
+def test_device_views_depend_only_on_seed_step_and_rank():
+    from types import SimpleNamespace
+
+    from medssl.engines.trainer import PretrainingTrainer
+    from medssl.transforms.batched import BatchedSSLAugment
+
+    trainer = SimpleNamespace(view_augment=BatchedSSLAugment("generic", 16), augment_seed=5, rank=0,
+                              state=SimpleNamespace(device=torch.device("cpu")))
+    batch = {"image": torch.rand(4, 3, 32, 32)}
+
+    def views(step, rank=0):
+        trainer.rank = rank
+        return PretrainingTrainer._views(trainer, batch, step)
+
+    torch.manual_seed(123)
+    first = views(7)
+    after = torch.rand(1)
+    torch.manual_seed(999)  # whatever the global generator did before, step 7 gets the same views
+    assert all(torch.equal(a, b) for a, b in zip(first, views(7)))
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # the global generator is left as it was
+    assert not torch.equal(first[0], views(8)[0])
+    assert not torch.equal(first[0], views(7, rank=1)[0])

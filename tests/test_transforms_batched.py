@@ -47,3 +47,13 @@ def test_batched_base_transform_stacks_real_images(shared_data):
 def test_batched_rejects_wrong_layout():
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         BatchedSSLAugment("generic", 16)(torch.rand(3, 16, 16))
+
+
+def test_batched_multicrop_views_follow_the_global_ones():
+    torch.manual_seed(0)
+    batch = torch.rand(4, 3, 48, 48)
+    views = BatchedSSLAugment("histology", 24, num_views=2, multicrop={"num_local": 3, "local_size": 12})(batch)
+    assert [tuple(v.shape) for v in views] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)] * 3
+    crops = BatchedSSLAugment("generic", 24, multicrop=2).views
+    assert "scale=(0.14, 1.0)" in repr(crops[0][0])  # SwAV global crop scale
+    assert "scale=(0.05, 0.14)" in repr(crops[2][0])  # and local

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="data-loading processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--augment-on", choices=["loader", "device"], default="loader",
+                   help="loader: per-sample augmentation in the workers; device: batched (kornia) on the "
+                        "training device, for GPUs whose loader cannot keep up")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     p.add_argument("--knn-data", help="labelled folder/manifest for the kNN monitor (default: labelled --data)")
     p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN checks (0 = off)")
@@ -90,6 +93,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "precision": args.precision,
         "channels_last": args.channels_last, "compile": args.compile, "accumulate": args.accumulate,
         "workers": args.workers, "seed": args.seed, "device": args.device, "sync_bn": args.sync_bn,
+        "augment_on": args.augment_on,
         "knn_data": args.knn_data, "knn_every": args.knn_every, "checkpoint_every": args.checkpoint_every,
         "checkpoint_every_epochs": args.checkpoint_every_epochs, "keep_checkpoints": args.keep_checkpoints,
         "small_stem": args.small_stem, "widen_factor": args.widen_factor, "method_options": options,

@@ -18,6 +18,7 @@ from medssl.errors import MedsslError
 
 METHODS = ("simclr", "swav", "byol", "simsiam")
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENT_ON = ("loader", "device")
 
 #: per-method optimisation defaults from the papers: optimizer, lr per 256 images, weight decay, warmup epochs
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -44,7 +45,9 @@ class PretrainConfig:
     ``optimizer``, ``weight_decay``, ``momentum``, ``lars_eta``, ``warmup_epochs`` (None = paper value,
     clipped to a tenth of the run), ``final_lr``.
     Runtime: ``precision`` (``fp32``|``bf16``|``fp16``; AMP only on CUDA), ``channels_last``, ``compile``,
-    ``workers``, ``seed``, ``device`` (None = cuda when available), ``sync_bn``.
+    ``workers``, ``seed``, ``device`` (None = cuda when available), ``sync_bn``, ``augment_on`` (``loader``:
+    per-sample augmentation in the loader workers; ``device``: batched kornia augmentation on the training
+    device, see :mod:`medssl.engines.loaders`).
     Monitoring: ``knn_every`` (epochs, 0 = off), ``knn_k``, ``knn_temperature``, ``knn_max_images``,
     ``collapse_threshold`` (warn when the mean per-dimension std of normalised embeddings falls below this
     fraction of 1/sqrt(D)), ``log_every`` (iterations between TensorBoard/metrics.jsonl lines).
@@ -87,6 +90,7 @@ class PretrainConfig:
     seed: int = 0
     device: str | None = None
     sync_bn: bool = False
+    augment_on: str = "loader"
     knn_every: int = 1
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -106,6 +110,8 @@ class PretrainConfig:
             raise MedsslError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.norm not in ("keep", "bn"):
             raise MedsslError(f"--norm must be keep or bn, not {self.norm!r}")
+        if self.augment_on not in AUGMENT_ON:
+            raise MedsslError(f"--augment-on must be one of {', '.join(AUGMENT_ON)}, not {self.augment_on!r}")
         if self.dead_filters not in ("copy", "random", "none"):
             raise MedsslError(f"--dead-filters must be copy, random or none, not {self.dead_filters!r}")
         if self.batch_size < 2:

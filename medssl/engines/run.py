@@ -18,7 +18,6 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from medssl.engines.checkpoint import (
     build_checkpoint_state,
@@ -37,11 +36,9 @@ from medssl.engines.handlers import (
     attach_knn_monitor,
     attach_progress_bar,
     attach_tensorboard,
-    label_index,
-    split_reference_query,
 )
+from medssl.engines.loaders import build_labelled_loaders, build_pretraining_loader
 from medssl.engines.optim import build_optimizer
-from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, collate_views
 from medssl.engines.schedules import WarmupCosineSchedule
 from medssl.engines.trainer import PretrainingTrainer
 from medssl.errors import MedsslError
@@ -152,40 +149,10 @@ def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], 
     return backbone.train(), spec, heads, reports, source
 
 
-def _labelled_loaders(config: PretrainConfig, records: list[dict[str, Any]]) -> tuple[Any, Any, int] | None:
-    """kNN reference/query loaders (eval transform) or None when there are not two labelled classes."""
-    from medssl.data.sources import records_from_path
-    from medssl.transforms.presets import build_eval_transform
-
-    labelled = records_from_path(config.knn_data) if config.knn_data else records
-    labelled = [r for r in labelled if r.get("label") is not None]
-    if len({str(r["label"]) for r in labelled}) < 2 or len(labelled) < 5:
-        logger.warning("kNN monitor off: fewer than two labelled classes or five labelled images")
-        return None
-    if len(labelled) > config.knn_max_images:
-        keep = np.random.default_rng(config.seed).choice(len(labelled), config.knn_max_images, replace=False)
-        labelled = [labelled[i] for i in sorted(keep)]
-    ref, qry = split_reference_query(labelled, config.seed)
-    classes = label_index([str(r["label"]) for r in labelled])
-    transform = build_eval_transform(config.modality, config.image_size)
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),
-                "label": torch.tensor([classes[str(s["label"])] for s in samples])}
-
-    def loader(recs: list[dict[str, Any]]) -> DataLoader:
-        ds = SeededSampleDataset(recs, transform, seed=config.seed)
-        return DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=config.workers,
-                          collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
-
-    return loader(ref), loader(qry), len(classes)
-
-
 def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool) -> None:
     from medssl.data.sources import records_from_path
     from medssl.methods import HEAD_NAMES, build_method
     from medssl.models import InputNormalization
-    from medssl.transforms.presets import build_ssl_transform
 
     rank, world = idist.get_rank(), idist.get_world_size()
     device = torch.device(config.device) if config.device else idist.device()
@@ -231,12 +198,8 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
         start = int(state["iteration"])
         logger.info("resuming %s from iteration %d", run_dir, start)
     _seed_everything(config.seed + rank)  # per-rank randomness from here on
-    transform = build_ssl_transform(config.modality, config.image_size, **_view_options(config, method))
-    sampler = StepBatchSampler(len(records), config.batch_size, max_iterations, seed=config.seed, rank=rank,
-                               world_size=world, start_step=start)
-    loader = DataLoader(SeededSampleDataset(records, transform, seed=config.seed), batch_sampler=sampler,
-                        num_workers=config.workers, collate_fn=collate_views, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(config.seed))
+    loader, view_augment = build_pretraining_loader(config, records, method, rank=rank, world_size=world,
+                                                    start_step=start, device=device)
     network: nn.Module = method
     if world > 1:
         network = idist.auto_model(method, sync_bn=False, find_unused_parameters=config.method == "swav")
@@ -248,7 +211,8 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
         method=method, optimizer=optimizer, schedule=schedule, normalization=normalization, data_loader=loader,
         max_iterations=max_iterations, epoch_length=steps_per_epoch, device=device, precision=config.precision,
         channels_last=config.channels_last, accumulate=config.accumulate, network=network,
-        collapse_monitor=collapse, last_checkpoint=lambda: latest_checkpoint(run_dir))
+        collapse_monitor=collapse, last_checkpoint=lambda: latest_checkpoint(run_dir), view_augment=view_augment,
+        augment_seed=config.seed, rank=rank)
     if state is not None:
         restore_training_state(state, method=method, optimizer=optimizer, scaler=trainer.grad_scaler,
                                schedule=schedule, rank=rank, world_size=world)
@@ -262,15 +226,6 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
     _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank, progress,
                      spec=spec, reports=reports, source=source, head_names=HEAD_NAMES)
     trainer.run()
-
-
-def _view_options(config: PretrainConfig, method: nn.Module) -> dict[str, Any]:
-    """Keyword arguments of ``build_ssl_transform`` for the method's number of views."""
-    views = int(getattr(method, "views_required", 2))
-    if config.method == "swav" and views > 2:
-        local_size = int(config.method_options.get("local_crop_size", max(8, round(config.image_size * 96 / 224))))
-        return {"num_views": 2, "multicrop": {"num_local": views - 2, "local_size": local_size}}
-    return {"num_views": views}
 
 
 def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
@@ -311,7 +266,7 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
                 save(engine)
                 engine.terminate()
 
-    knn = _labelled_loaders(config, records) if config.knn_every > 0 else None
+    knn = build_labelled_loaders(config, records) if config.knn_every > 0 else None
     if knn is not None:
         ref, qry, num_classes = knn
         monitor = KnnMonitor(method.backbone, normalization, ref, qry, num_classes=num_classes, device=device,

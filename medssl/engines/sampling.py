@@ -29,6 +29,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 32-bit seed for the batched augmentation of optimizer step ``step`` on process ``rank``."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, rank, 1]).generate_state(1)[0])
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch ``epoch`` (0-based): ``randperm`` seeded with ``seed + epoch``."""
     gen = torch.Generator()

@@ -2,7 +2,9 @@
 
 Per step (Ignite iteration ``t``, 1-based, covering optimizer step ``t - 1`` of the lr schedule):
 
-1. set the learning rate of every param group (warmup + cosine, fixed-lr groups untouched);
+1. set the learning rate of every param group (warmup + cosine, fixed-lr groups untouched); with a
+   ``view_augment`` module, cut the views from the batch's images on the device (torch generators seeded from
+   ``(augment_seed, step, rank)`` and restored afterwards, so a resumed run draws the same views);
 2. for each of ``accumulate`` micro-batches: views -> device (channels_last if asked) -> InputNormalization ->
    method -> loss / accumulate -> non-finite guard -> backward (through a GradScaler for fp16);
 3. ``method.on_before_optimizer_step(t)``, optimizer step, ``method.on_after_optimizer_step(t, T)`` (EMA tau,
@@ -24,6 +26,7 @@ from monai.engines import Trainer
 from torch import nn
 
 from medssl.engines.handlers import CollapseMonitor, check_finite_loss
+from medssl.engines.sampling import step_seed
 
 logger = logging.getLogger("medssl.engines.trainer")
 
@@ -36,7 +39,8 @@ class PretrainingTrainer(Trainer):
         optimizer: optimizer over ``method.param_groups(...)``.
         schedule: :class:`~medssl.engines.schedules.WarmupCosineSchedule`.
         normalization: input normalisation applied to every view (on ``device``).
-        data_loader: yields ``{"views": [Tensor(B, C, H, W)] * V}``.
+        data_loader: yields ``{"views": [Tensor(B, C, H, W)] * V}``, or ``{"image": Tensor(B, C, H, W)}`` when
+            ``view_augment`` is given.
         max_iterations: optimizer steps of the whole run.
         epoch_length: optimizer steps per epoch.
         device: training device.
@@ -47,13 +51,17 @@ class PretrainingTrainer(Trainer):
             version); the hooks are always called on ``method``.
         collapse_monitor: optional :class:`CollapseMonitor` fed with the first micro-batch's embeddings.
         last_checkpoint: callable returning the newest checkpoint path (named in non-finite loss errors).
+        view_augment: optional batched augmentation ``images -> [views]`` already on ``device``
+            (:class:`~medssl.transforms.batched.BatchedSSLAugment`).
+        augment_seed, rank: seed and process rank for ``view_augment``'s randomness.
     """
 
     def __init__(self, *, method: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
                  normalization: nn.Module, data_loader: Any, max_iterations: int, epoch_length: int,
                  device: torch.device, precision: str = "fp32", channels_last: bool = False, accumulate: int = 1,
                  network: nn.Module | None = None, collapse_monitor: CollapseMonitor | None = None,
-                 last_checkpoint: Callable[[], Path | None] | None = None) -> None:
+                 last_checkpoint: Callable[[], Path | None] | None = None, view_augment: nn.Module | None = None,
+                 augment_seed: int = 0, rank: int = 0) -> None:
         super().__init__(device=device, max_epochs=-(-max_iterations // epoch_length), data_loader=data_loader,
                          epoch_length=epoch_length, decollate=False, amp=False)
         self.method = method
@@ -66,6 +74,9 @@ class PretrainingTrainer(Trainer):
         self.accumulate = accumulate
         self.collapse_monitor = collapse_monitor
         self.last_checkpoint = last_checkpoint or (lambda: None)
+        self.view_augment = view_augment
+        self.augment_seed = augment_seed
+        self.rank = rank
         cuda = torch.device(device).type == "cuda"
         if precision != "fp32" and not cuda:
             logger.warning("precision %s needs CUDA; running in fp32 on %s", precision, device)
@@ -89,6 +100,16 @@ class PretrainingTrainer(Trainer):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def _views(self, batchdata: dict[str, Any], iteration: int) -> list[torch.Tensor]:
+        """The batch's views: as loaded, or cut on the device by ``view_augment`` (seeded per step and rank)."""
+        if self.view_augment is None:
+            return batchdata["views"]
+        images = batchdata["image"].to(self.state.device, non_blocking=True)
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step_seed(self.augment_seed, iteration, self.rank))
+            return self.view_augment(images)
 
     def _prepare_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -125,7 +146,7 @@ class PretrainingTrainer(Trainer):
         iteration = engine.state.iteration  # 1-based optimizer step
         epoch = engine.state.epoch
         lr = self.schedule.step(iteration - 1)
-        views = batchdata["views"]
+        views = self._views(batchdata, iteration)
         chunks = [list(vs) for vs in zip(*(v.chunk(self.accumulate) for v in views))]
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0

@@ -14,6 +14,7 @@ degrees use kornia's zero padding instead of border padding, and the blur kernel
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from kornia import augmentation as K
 from torch import nn
 
 from medssl.transforms.intensity import center_crop, resize_shorter_side
-from medssl.transforms.presets import AugmentSpec, build_base_transform, get_spec
+from medssl.transforms.presets import AugmentSpec, build_base_transform, get_spec, multicrop_options
 from medssl.transforms.ssl import blur_kernel_size
 
 
@@ -53,19 +54,33 @@ def build_kornia_view(spec: AugmentSpec, size: int) -> nn.Sequential:
 
 
 class BatchedSSLAugment(nn.Module):
-    """``forward(batch (N, 3, H, W) in [0, 1]) -> [view (N, 3, S, S)] * num_views``, each view independently
-    augmented per sample. Move it to the batch's device with ``.to(device)``.
+    """``forward(batch (N, 3, H, W) in [0, 1]) -> [view (N, 3, S, S)] * num_views (+ local views)``, each view
+    independently augmented per sample. Move it to the batch's device with ``.to(device)``.
 
     Args:
         modality: one of :data:`medssl.transforms.presets.MODALITIES`.
-        image_size: view side S.
-        num_views: number of views.
+        image_size: global view side S (px).
+        num_views: number of global views.
+        multicrop: SwAV local crops as in :func:`~medssl.transforms.presets.build_ssl_transform` (int count or
+            options dict); local views of ``local_size`` px follow the global ones, and the global views then
+            use ``global_scale``.
     """
 
-    def __init__(self, modality: str, image_size: int, num_views: int = 2) -> None:
+    def __init__(self, modality: str, image_size: int, num_views: int = 2,
+                 multicrop: int | Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        if num_views < 1:
+            raise ValueError("num_views must be >= 1")
         spec = get_spec(modality)
-        self.views = nn.ModuleList(build_kornia_view(spec, image_size) for _ in range(num_views))
+        if multicrop:
+            opts = multicrop_options(multicrop, image_size)
+            global_spec = replace(spec, crop_scale=tuple(opts["global_scale"]))
+            local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
+            views = [build_kornia_view(global_spec, image_size) for _ in range(num_views)]
+            views += [build_kornia_view(local_spec, int(opts["local_size"])) for _ in range(int(opts["num_local"]))]
+        else:
+            views = [build_kornia_view(spec, image_size) for _ in range(num_views)]
+        self.views = nn.ModuleList(views)
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:

@@ -140,7 +140,8 @@ def build_view_transform(spec: AugmentSpec, size: int, key: str = "image") -> Ca
     return compose(steps)
 
 
-def _multicrop_options(multicrop: int | Mapping[str, Any], image_size: int) -> dict[str, Any]:
+def multicrop_options(multicrop: int | Mapping[str, Any], image_size: int) -> dict[str, Any]:
+    """Complete SwAV multi-crop options (``num_local``, ``local_size``, ``global_scale``, ``local_scale``)."""
     opts = {"num_local": multicrop} if isinstance(multicrop, int) else dict(multicrop)
     unknown = set(opts) - {"num_local", "local_size", "global_scale", "local_scale"}
     if unknown:
@@ -177,7 +178,7 @@ def build_ssl_transform(
     global_spec = spec
     views: list[Callable] = []
     if multicrop:
-        opts = _multicrop_options(multicrop, image_size)
+        opts = multicrop_options(multicrop, image_size)
         global_spec = replace(spec, crop_scale=tuple(opts["global_scale"]))
         local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
         views = [build_view_transform(global_spec, image_size) for _ in range(num_views)]

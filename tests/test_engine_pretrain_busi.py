@@ -29,12 +29,6 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
-
-
 def _busi_subset(shared: Path, dest: Path, per_class: dict[str, int]) -> Path:
     busi = shared / "busi"
     if not busi.is_dir():

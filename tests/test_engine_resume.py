@@ -24,12 +24,6 @@ METHOD_OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # 2 shared cores: one thread is several times faster here
-    yield
-
-
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_images")

@@ -161,31 +161,20 @@ def test_swav_loss_assignments_are_constants():
     assert q.grad is None
 
 
-def test_byol_loss_matches_naive_and_stops_target_gradient():
-    gen = torch.Generator().manual_seed(5)
+@pytest.mark.parametrize("loss_fn, pair_term, seed", [
+    (byol_loss, lambda p, z: 2 - 2 * _cos(p, z), 5),  # BYOL: 2 - 2 cos per pair
+    (simsiam_loss, lambda p, z: -_cos(p, z), 6),  # SimSiam: negative cosine per pair
+], ids=["byol", "simsiam"])
+def test_predictor_loss_matches_naive_and_stops_target_gradient(loss_fn, pair_term, seed):
+    gen = torch.Generator().manual_seed(seed)
     p = torch.randn(4, 5, generator=gen).requires_grad_(True)
     z = torch.randn(4, 5, generator=gen).requires_grad_(True)
-    loss = byol_loss(p, z)
+    loss = loss_fn(p, z)
     loss.backward()
     assert z.grad is None
     rp = p.detach().double().requires_grad_(True)
     rz = z.detach().double()
-    ref = sum(2 - 2 * _cos(rp[i], rz[i]) for i in range(4)) / 4
-    ref.backward()
-    assert abs(loss.item() - ref.item()) < 1e-5
-    torch.testing.assert_close(p.grad.double(), rp.grad, atol=1e-5, rtol=0)
-
-
-def test_simsiam_loss_matches_naive_and_stops_target_gradient():
-    gen = torch.Generator().manual_seed(6)
-    p = torch.randn(4, 5, generator=gen).requires_grad_(True)
-    z = torch.randn(4, 5, generator=gen).requires_grad_(True)
-    loss = simsiam_loss(p, z)
-    loss.backward()
-    assert z.grad is None
-    rp = p.detach().double().requires_grad_(True)
-    rz = z.detach().double()
-    ref = -sum(_cos(rp[i], rz[i]) for i in range(4)) / 4
+    ref = sum(pair_term(rp[i], rz[i]) for i in range(4)) / 4
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5
     torch.testing.assert_close(p.grad.double(), rp.grad, atol=1e-5, rtol=0)

@@ -22,15 +22,6 @@ from medssl.transforms.presets import (
 S = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Per-sample augmentation runs in DataLoader workers, which use one torch thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _records(root):
     busi = root / "busi" / "benign" / "benign (1).png"
     npz = root / "pneumoniamnist" / "pneumoniamnist_balanced.npz"

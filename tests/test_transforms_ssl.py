@@ -17,15 +17,6 @@ from medssl.transforms.ssl import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Per-sample augmentation runs in DataLoader workers, which use one torch thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rgb(h=32, w=32, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(3, h, w, generator=g)

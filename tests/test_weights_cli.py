@@ -8,19 +8,12 @@ import hashlib
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from medssl.cli import main as cli_main
 from medssl.weights import build_from_checkpoint, load_checkpoint
 from tests.test_weights_readers_bit import bit_arrays
 from tests.test_weights_readers_resnet import head_state, prefixed, torchvision_state
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
 
 
 def _run(capsys, *argv: str) -> str:

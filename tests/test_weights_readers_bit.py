@@ -8,7 +8,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +16,6 @@ from medssl.weights import build_from_checkpoint, load_checkpoint
 
 TOL = 1e-5
 UNITS = (3, 4, 6, 3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
 
 
 def bit_arrays(scale: float = 0.25, num_classes: int = 10, seed: int = 0) -> dict[str, np.ndarray]:

@@ -26,12 +26,6 @@ ENC = "res_net50"
 UNITS = (3, 4, 6, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-    yield
-
-
 def haiku_trees(base: int = 8, seed: int = 0) -> tuple[dict, dict]:
     """(params, state) of a narrow BYOL ResNet-50 + projector/predictor in haiku's layout."""
     rng = np.random.default_rng(seed)

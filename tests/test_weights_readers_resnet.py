@@ -17,14 +17,6 @@ from medssl.errors import UntrustedPickleError
 from medssl.models import MLPHead
 from medssl.weights import build_from_checkpoint, build_heads, load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread avoids thread-synchronisation overhead on the shared 2-core machine."""
-    torch.set_num_threads(1)
-    yield
-
-
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 TOL = 1e-5
 

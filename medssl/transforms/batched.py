@@ -21,8 +21,13 @@ import torch
 from kornia import augmentation as K
 from torch import nn
 
-from medssl.transforms.intensity import center_crop, resize_shorter_side
-from medssl.transforms.presets import AugmentSpec, build_base_transform, get_spec, multicrop_options
+from medssl.transforms.presets import (
+    AugmentSpec,
+    EvalTransform,
+    build_eval_transform,
+    get_spec,
+    multicrop_options,
+)
 from medssl.transforms.ssl import blur_kernel_size
 
 
@@ -89,21 +94,8 @@ class BatchedSSLAugment(nn.Module):
         return [view(batch).clamp_(0.0, 1.0) for view in self.views]
 
 
-class BatchedBaseTransform:
-    """``record -> {"image": Tensor(3, B, B) in [0,1], "label", "id"}``: read, scale, shorter side to B, centre
-    crop, so records stack into a batch for :class:`BatchedSSLAugment`."""
-
-    def __init__(self, modality: str, base_size: int) -> None:
-        self.base = build_base_transform(modality)
-        self.base_size = int(base_size)
-
-    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        image = self.base(dict(record))["image"]
-        image = center_crop(resize_shorter_side(image, self.base_size), self.base_size).contiguous()
-        return {"image": image, "label": record.get("label"), "id": record.get("id")}
-
-
-def build_batched_base_transform(modality: str, base_size: int) -> BatchedBaseTransform:
-    """Per-sample deterministic part of the batched path (``base_size``: e.g. 2x the view size)."""
-    get_spec(modality)
-    return BatchedBaseTransform(modality, base_size)
+def build_batched_base_transform(modality: str, base_size: int) -> EvalTransform:
+    """Per-sample deterministic part of the batched path: ``record -> {"image": Tensor(3, B, B) in [0, 1], "label",
+    "id"}`` (read, scale, shorter side to ``base_size`` B, centre crop; the evaluation pipeline at size B), so
+    records stack into a batch for :class:`BatchedSSLAugment`. ``base_size``: e.g. 2x the view size."""
+    return build_eval_transform(modality, base_size)

@@ -19,6 +19,7 @@ call is shared by all ``keys`` (e.g. an image and its mask). Definitions follow 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -56,8 +57,9 @@ class _RandDict(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:
         self._do = self.R.rand() < self.prob
 
+    @abstractmethod
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Transform one (C, H, W) float32 tensor with the parameters drawn by :meth:`randomize`."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)

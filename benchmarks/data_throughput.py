@@ -7,7 +7,7 @@ Two figures per preset and path:
 - ``augment-only``: the random augmentations alone on already decoded images (the part the batched path moves
   onto whole batches, and onto the GPU when there is one).
 
-Usage: ``python benchmarks/data_throughput.py [--data ../shared/data] [--image-size 224] [--records 32]
+Usage: ``python benchmarks/data_throughput.py [--data DATA_DIR] [--image-size 224] [--records 32]
 [--batch-size 32] [--threads 1] [--device cpu]``. Prints a table and the batched/per-sample ratios.
 """
 

@@ -53,6 +53,7 @@ def measure(cfg: dict) -> dict:
     optimizer = build_optimizer(defaults["optimizer"], method.param_groups(defaults["weight_decay"], lr), lr=lr,
                                 weight_decay=defaults["weight_decay"])
     total = cfg["warmup"] + cfg["iterations"]
+    method.configure_run(steps_per_epoch=total, global_batch_size=cfg["batch_size"], max_iterations=total)
     schedule = WarmupCosineSchedule(optimizer, base_lr=lr, max_iterations=total)
     b, s = cfg["batch_size"], cfg["image_size"]
     views = [torch.rand(b, 3, s, s) for _ in range(2)]

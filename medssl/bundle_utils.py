@@ -9,11 +9,14 @@ functions they need:
 - :func:`export_network` builds it from any checkpoint medssl reads (a run's ``backbone.safetensors`` by
   default); it is the bundles' ``network_def`` for ``python -m monai.bundle ckpt_export``.
 - :func:`write_model_file` writes ``models/model.pt``, the plain ``state_dict`` that ``ckpt_export`` loads.
-- :func:`pretrain` / :func:`evaluate` run the pretraining / evaluation of a bundle and write ``model.pt``.
+- :func:`pretrain` / :func:`evaluate` run the pretraining / evaluation of a bundle and write ``model.pt``;
+  both first check the data's splits (:func:`check_splits`) and resolve weight names
+  (:func:`resolve_weights`: a file, a weights-registry name fetched into the cache, or ``random``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -103,20 +106,68 @@ def write_model_file(checkpoint: str | os.PathLike[str], model_file: str | os.Pa
     return out
 
 
+def resolve_weights(value: str | os.PathLike[str], *, what: str) -> str:
+    """``"random"``, an existing checkpoint file, or a weights-registry name (fetched into the cache).
+
+    Args:
+        value: what the bundle gives (``init`` or ``backbone``).
+        what: the bundle key, for the error message.
+
+    Raises:
+        MedsslError: neither a file nor a registry name (one line naming the path and the choices);
+            :class:`medssl.weights.registry.OfflineError` when a registry file cannot be downloaded.
+    """
+    from medssl.weights.registry import fetch, registry
+
+    if str(value) == "random":
+        return "random"
+    if Path(value).is_file():
+        return str(value)
+    if str(value) in registry():
+        return str(fetch(str(value)))
+    raise MedsslError(f"{what}: no such checkpoint file; give a checkpoint file, a weights registry name "
+                      f"(e.g. {', '.join(sorted(registry())[:3])}, ...) or random", value)
+
+
+def check_splits(data: str | os.PathLike[str], required: Sequence[str]) -> None:
+    """Raise unless every split named in ``required`` has at least one record in ``data``.
+
+    A bundle whose protocol depends on a split layout (dermatoscopy: Lu et al.'s ``pretrain``/``train``/``test``
+    60/20/20) lists it in ``required_splits``; an empty list accepts any data.
+
+    Raises:
+        MedsslError: names the data, the missing splits and the command that makes them.
+    """
+    if not required:
+        return
+    from medssl.data.sources import records_from_path
+
+    present = {r.get("split") for r in records_from_path(data)}
+    missing = [s for s in required if s not in present]
+    if missing:
+        raise MedsslError(f"no record in split(s) {', '.join(missing)}; this bundle's protocol needs splits "
+                          f"{', '.join(required)} (make them with `medssl manifest split MANIFEST -o OUT --names "
+                          f"{','.join(required)} --ratios ...`, or pass --required_splits \"[]\")", data)
+
+
 def pretrain(config: Any, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             model_file: str | os.PathLike[str] | None = None) -> Path:
+             model_file: str | os.PathLike[str] | None = None, required_splits: Sequence[str] = ()) -> Path:
     """Run :func:`medssl.engines.run.run_pretraining`, then write ``model_file`` from the run's backbone.
 
     Args:
-        config: a :class:`medssl.engines.config.PretrainConfig` (the bundle's ``pretrain_config``).
+        config: a :class:`medssl.engines.config.PretrainConfig` (the bundle's ``pretrain_config``); its
+            ``init`` may be a weights-registry name (see :func:`resolve_weights`).
         resume, overwrite, progress: as in ``run_pretraining``.
         model_file: where to write the plain ``state_dict`` for ``ckpt_export`` (None = not written).
+        required_splits: splits the data must have (:func:`check_splits`).
 
     Returns:
         The run folder.
     """
     from medssl.engines.run import run_pretraining
 
+    check_splits(config.data, required_splits)
+    config = dataclasses.replace(config, init=resolve_weights(config.init, what="init"))
     logger.info("pretraining %s (%s, init %s) on %s -> %s", config.arch or "backbone", config.method, config.init,
                 config.data, config.out)
     run_dir = run_pretraining(config, resume=resume, overwrite=overwrite, progress=progress)
@@ -137,24 +188,29 @@ def network_options(arch: str, small_stem: bool, widen_factor: float) -> dict[st
 
 def evaluate(data: str | os.PathLike[str], out: str | os.PathLike[str], *, backbone: str | os.PathLike[str],
              arch: str, small_stem: bool = False, widen_factor: float = 1.0,
-             fractions: Sequence[float] = (1.0,), trust: bool = False, **options: Any) -> Path:
+             fractions: Sequence[float] = (1.0,), trust: bool = False, required_splits: Sequence[str] = (),
+             **options: Any) -> Path:
     """Run :func:`medssl.evaluation.run.run_evaluation` as a bundle describes it.
 
     Args:
         data: labelled manifest or folder.
         out: EVAL_DIR.
-        backbone: a checkpoint file, or ``"random"`` (then ``arch``, ``small_stem`` and ``widen_factor`` build it).
+        backbone: a checkpoint file, a weights-registry name, or ``"random"`` (then ``arch``, ``small_stem`` and
+            ``widen_factor`` build it).
         fractions: label fractions of the training split, each in (0, 1].
+        required_splits: splits the data must have (:func:`check_splits`).
         **options: other :class:`medssl.evaluation.run.EvalConfig` fields (protocol, trials, epochs, ...).
     """
     from medssl.evaluation.run import run_evaluation
 
-    extra: dict[str, Any] = {}
-    if str(backbone) == "random":
-        extra = {"arch": arch, "arch_kwargs": network_options(arch, small_stem, widen_factor)}
-    elif not Path(backbone).is_file():
+    check_splits(data, required_splits)
+    if Path(backbone).name == "backbone.safetensors" and not Path(backbone).is_file():
         raise MedsslError("backbone to evaluate not found (run the pretrain config first, or set backbone)",
                           backbone)
+    backbone = resolve_weights(backbone, what="backbone")
+    extra: dict[str, Any] = {}
+    if backbone == "random":
+        extra = {"arch": arch, "arch_kwargs": network_options(arch, small_stem, widen_factor)}
     elif options.get("name") is None and Path(backbone).name == "backbone.safetensors":
         options["name"] = Path(backbone).resolve().parent.name  # the run folder, e.g. pretrain_simclr
     logger.info("evaluating %s on %s (%s) -> %s", backbone, data, options.get("protocol", "linear"), out)

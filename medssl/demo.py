@@ -1,6 +1,6 @@
 """The built-in demo: the whole medssl pipeline on a small dataset, on CPU, in minutes, downloading nothing.
 
-Stages (as in Ciga et al., DESIGN.md sec. 1, at toy scale):
+Stages (as in Ciga et al., *Resource and data efficient self supervised learning*, at toy scale):
 
 1. data: a deterministic SYNTHETIC ultrasound-like 3-class target dataset and a "source" domain
    (:mod:`medssl.data.synthetic`), or the user's labelled manifest (``data=``) as target;

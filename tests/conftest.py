@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
-Real data: ``MEDSSL_SHARED_DATA`` (set by ``.ci/run``) points at the shared data folder described in
-``../shared/data/README.md``; without it we look for ``../shared/data`` beside the repository. Tests that
+Real data: ``MEDSSL_SHARED_DATA`` (set by ``.ci/run``) points at the shared real-data folder (its README.md
+describes the datasets); without it we look for ``../shared/data`` beside the repository. Tests that
 need it skip with a clear reason when it is absent.
 """
 

@@ -59,8 +59,14 @@ def run_bundle(modality: str, names: tuple[str, ...], root: Path, **override: ob
 
 
 def pretrain_overrides(manifest: Path, method: str) -> dict:
-    return {"data": str(manifest), "method": method, "iterations": 2, "batch_size": 4, "workers": 0,
-            "knn_every": 0, "progress": False, "method_options": TINY_HEADS[method], **TINY_NET}
+    """Tiny runs from random init (the bundles' defaults download ImageNet weights) on train/val/test data."""
+    return {"data": str(manifest), "method": method, "init": "random", "iterations": 2, "batch_size": 4,
+            "workers": 0, "knn_every": 0, "progress": False, "method_options": TINY_HEADS[method],
+            "required_splits": [], **TINY_NET}
+
+
+#: each bundle's evaluation protocol and label fractions (Lu et al. for dermatoscopy, Ciga et al. otherwise)
+EVAL_PROTOCOL = {m: ("finetune", [0.1, 1.0]) for m in MODALITIES} | {"dermatoscopy": ("linear", [1.0])}
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -132,18 +138,19 @@ def test_pretrain_every_bundle_and_method(modality: str, method: str, tiny_manif
     assert model_pt.keys() == reference.keys()
     assert all(torch.equal(model_pt[k], reference[k]) for k in reference)
     if method == "simclr":  # the evaluate config of this bundle, on the backbone just pretrained
+        protocol, fractions = EVAL_PROTOCOL[modality]
         run_bundle(modality, ("common", "evaluate"), tmp_path, data=str(tiny_manifest), method=method,
-                   epochs=3, **TINY_NET)
-        eval_dir = tmp_path / "runs" / "eval_simclr_linear"
-        _check_evaluation(eval_dir, [0.1, 1.0], 3)
+                   epochs=3 if protocol == "linear" else 1, required_splits=[], **TINY_NET)
+        eval_dir = tmp_path / "runs" / f"eval_simclr_{protocol}"
+        _check_evaluation(eval_dir, fractions, 3)
         results = json.loads((eval_dir / "results.json").read_text())
         assert results["name"] == "pretrain_simclr"
         assert results["backbone"]["sha256"] != ""
 
 
 def test_dermatoscopy_defaults_from_a_bit_checkpoint(tiny_manifest: Path, tmp_path: Path) -> None:
-    """init = a GroupNorm ResNetV2 (BiT layout) checkpoint: the bundle's defaults give GN -> BN (Lu et al.) and,
-    because init is a checkpoint, Frobenius scaling and dead-filter copy (Ciga et al.)."""
+    """init = a GroupNorm ResNetV2 (BiT layout) checkpoint: the bundle's defaults give GN -> BN and nothing else
+    (Lu et al.: no Frobenius scaling, no dead-filter repair, weight standardisation kept)."""
     from medssl.models import build_backbone
     from medssl.weights import load_checkpoint, save_medssl_file
 
@@ -160,15 +167,78 @@ def test_dermatoscopy_defaults_from_a_bit_checkpoint(tiny_manifest: Path, tmp_pa
     run_bundle("dermatoscopy", ("common", "pretrain"), tmp_path, **overrides)
     run_dir = tmp_path / "runs" / "pretrain_simsiam"
     config = json.loads((run_dir / "config.json").read_text())
-    assert (config["norm"], config["scale_frobenius"], config["dead_filters"]) == ("bn", True, "copy")
-    assert config["optimizer"] == "sgd" and config["weight_decay"] == 5e-4
+    assert (config["norm"], config["scale_frobenius"], config["dead_filters"], config["fold_ws"]) == \
+        ("bn", False, "none", False)
+    assert config["optimizer"] == "sgd" and config["weight_decay"] == 5e-4 and config["momentum"] == 0.9
+    assert config["warmup_epochs"] == 0
     assert config["lr"] == pytest.approx(0.03 * 4 / 256)  # Lu et al.: 0.03 x batch / 256
     out = load_checkpoint(run_dir / "backbone.safetensors")
     assert out.arch == "resnetv2_50x1" and out.arch_kwargs["norm"] == "bn"
     assert out.input_normalization["mean"] == [0.5] * 3
     done = {op["operation"]: op for op in out.provenance["operations"]}
-    assert {"gn_to_bn", "frobenius_scaling", "dead_filter_repair"} <= set(done)
+    assert "gn_to_bn" in done and not {"frobenius_scaling", "dead_filter_repair", "fold_weight_standardization"} & set(done)
     assert done["gn_to_bn"]["count"] == sum(isinstance(m, torch.nn.GroupNorm) for m in bit.modules())
+
+
+def test_ciga_bundle_p2x_from_a_checkpoint_scales_with_the_paper_rule(tiny_manifest: Path, tmp_path: Path) -> None:
+    """init = a BatchNorm ResNet checkpoint with conv norms > 1 and a dead filter: the histology bundle's
+    defaults apply Ciga et al.'s Frobenius scaling (paper rule) and dead-filter copy before pretraining."""
+    from medssl.models import build_backbone
+    from medssl.weights import load_checkpoint, save_medssl_file
+
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", small_stem=True, widen_factor=0.25)
+    with torch.no_grad():
+        net.conv1.weight.mul_(10.0)  # Frobenius norm well above 1
+        net.layer1[0].conv1.weight[0].zero_()  # a dead filter
+    init = tmp_path / "imagenet_ssl.safetensors"
+    save_medssl_file(init, net.state_dict(), arch=net.arch, arch_kwargs=net.arch_kwargs,
+                     input_normalization={"mean": [0.5] * 3, "std": [0.25] * 3, "description": "test"},
+                     provenance={"format": "torchvision"})
+    overrides = pretrain_overrides(tiny_manifest, "simclr")
+    overrides.update(init=str(init))
+    run_bundle("histology", ("common", "pretrain"), tmp_path, **overrides)
+    config = json.loads((tmp_path / "runs" / "pretrain_simclr" / "config.json").read_text())
+    assert (config["scale_frobenius"], config["frobenius_rule"], config["dead_filters"], config["fold_ws"]) == \
+        (True, "paper", "copy", False)
+    done = {op["operation"]: op for op in load_checkpoint(
+        tmp_path / "runs" / "pretrain_simclr" / "backbone.safetensors").provenance["operations"]}
+    assert done["frobenius_scaling"]["rule"] == "paper" and done["frobenius_scaling"]["count"] >= 1
+    assert done["dead_filter_repair"]["mode"] == "copy" and done["dead_filter_repair"]["count"] >= 1
+
+
+def test_bundle_refuses_data_without_the_protocol_splits(tiny_manifest: Path, tmp_path: Path) -> None:
+    """The dermatoscopy bundle needs Lu et al.'s pretrain/train/test split: a train/val/test manifest is refused
+    with one line naming the file and the missing split, before anything is written."""
+    from medssl.errors import MedsslError
+
+    overrides = pretrain_overrides(tiny_manifest, "simsiam")
+    overrides.pop("required_splits")
+    with pytest.raises(RuntimeError) as info:  # monai.bundle wraps the error of a config expression
+        run_bundle("dermatoscopy", ("common", "pretrain"), tmp_path, **overrides)
+    cause = info.value
+    while cause is not None and not isinstance(cause, MedsslError):
+        cause = cause.__cause__
+    assert cause is not None
+    message = str(cause)
+    assert "\n" not in message and str(tiny_manifest) in message and "pretrain" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resolve_weights_reads_registry_names_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medssl.bundle_utils import resolve_weights
+    from medssl.errors import MedsslError
+    from medssl.weights.registry import registry
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDSSL_OFFLINE", "1")
+    cached = tmp_path / registry()["swav_800ep"].filename
+    cached.write_bytes(b"stand-in")  # no checksum in the registry for this entry: the cached file is used
+    assert resolve_weights("swav_800ep", what="init") == str(cached)
+    assert resolve_weights("random", what="init") == "random"
+    assert resolve_weights(cached, what="init") == str(cached)
+    with pytest.raises(MedsslError, match="no such checkpoint file"):
+        resolve_weights(tmp_path / "missing.pth", what="init")
 
 
 def test_run_from_the_bundle_folder_with_default_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +330,8 @@ def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_manifest: Path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "monai.bundle", "run",
            "--config_file", "['configs/common.yaml','configs/pretrain.yaml','configs/multi_gpu.yaml']",
-           "--bundle_root", str(root), "--data", str(tiny_manifest), "--method", "simsiam", "--iterations", "2",
+           "--bundle_root", str(root), "--data", str(tiny_manifest), "--method", "simsiam", "--init", "random",
+           "--iterations", "2",
            "--batch_size", "2", "--image_size", "32", "--arch", "resnet18", "--small_stem", "True",
            "--widen_factor", "0.25", "--workers", "0", "--knn_every", "0", "--progress", "False",
            "--method_options", json.dumps(TINY_HEADS["simsiam"])]

@@ -156,6 +156,34 @@ def test_cli_adapt_writes_manifest(tmp_path, monkeypatch, capsys):
     assert "--image-column" in capsys.readouterr().err
 
 
+def test_csv_ids_keyed_and_marked_and_adapt_writes_no_paths(tmp_path, monkeypatch, capsys):
+    import json
+
+    from medssl.data.deid import INSECURE_DEMO_KEY
+
+    folder = tmp_path / "DOE^JOHN_19450314"
+    for i in range(3):
+        _img(folder / f"MRN12345{i}.png")
+    table = folder / "labels.csv"
+    table.write_text("file,dx\n" + "".join(f"MRN12345{i}.png,{'ab'[i % 2]}\n" for i in range(3)))
+    keyed = build_manifest("csv", table, deid=DEID, image_column="file", label_column="dx")
+    other = build_manifest("csv", table, deid=Pseudonymizer(b"another-adapter-key-987654321"), image_column="file",
+                           label_column="dx")
+    demo = build_manifest("csv", table, deid=Pseudonymizer(INSECURE_DEMO_KEY), image_column="file",
+                          label_column="dx")
+    assert all(r["deidentified"] is True for r in keyed) and all(r["deidentified"] is False for r in demo)
+    assert not {r["id"] for r in keyed} & {r["id"] for r in other}
+    monkeypatch.setenv("MEDSSL_DEID_KEY", "5f1c0e4a9b7d2c3e8a6f4b1d0c9e7a2b")
+    out = tmp_path / "m" / "study.jsonl"
+    assert main(["adapt", "csv", str(table), "-o", str(out), "--image-column", "file", "--label-column", "dx"]) == 0
+    capsys.readouterr()
+    assert "MRN" not in out.read_text() and "DOE" not in out.read_text()
+    private = Path(str(out) + ".private.jsonl")
+    assert private.stat().st_mode & 0o777 == 0o600 and "MRN123450.png" in private.read_text()
+    assert sorted(Path(r["image"]).name for r in read_manifest(out)) == [f"MRN12345{i}.png" for i in range(3)]
+    assert {json.loads(line)["deidentified"] for line in out.read_text().splitlines()} == {True}
+
+
 def test_shared_busi_counts(shared_data):
     recs = build_manifest("busi", shared_data / "busi", deid=DEID)
     assert Counter(r["label"] for r in recs) == {"benign": 437, "malignant": 210, "normal": 133}

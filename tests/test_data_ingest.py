@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -18,6 +17,7 @@ import medssl.data.dicom_scan as dicom_scan
 from medssl.data.deid import Pseudonymizer
 from medssl.data.ingest import IngestOptions, ingest_dicom
 from medssl.data.manifest import read_manifest
+from medssl.data.private_map import read_errors
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 KEY = Pseudonymizer(b"test-key-0123456789abcdef")
@@ -37,7 +37,8 @@ def _ingest(root, out, **options):
     options.setdefault("progress", False)
     options.setdefault("workers", 1)
     summary = ingest_dicom(root, out, pseudonymizer=KEY, options=IngestOptions(**options))
-    errors = [json.loads(line) for line in Path(summary["errors_file"]).read_text().splitlines()]
+    # the errors file names files by pseudonym; their paths come back from the private map beside the manifest
+    errors = read_errors(summary["errors_file"], out)
     return summary, read_manifest(out), errors
 
 

@@ -11,6 +11,7 @@ import pydicom
 import pydicom.data
 
 from medssl.cli import data_cmd
+from medssl.data.private_map import read_errors
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -83,6 +84,6 @@ def test_planted_phi_never_appears_in_outputs(tmp_path, capsys, caplog, monkeypa
     records = [json.loads(line) for line in outputs["manifest"].splitlines()]
     assert len(records) >= 2 and {r["patient_id"] for r in records} == {records[0]["patient_id"]}
     assert records[0]["patient_id"].startswith("pat-")
-    errors = [json.loads(line) for line in outputs["errors"].splitlines()]
+    errors = read_errors(tmp_path / "out" / "m.errors.jsonl", manifest)  # paths from the private map
     assert {Path(e["path"]).name for e in errors} >= {"c", "d"}
     assert any(r["burned_in"] is True for r in records)

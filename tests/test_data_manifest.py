@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medssl.cli import data_cmd
-from medssl.data.datalist import write_datalist
+from medssl.data.datalist import load_datalist, write_datalist
 from medssl.data.manifest import (
     MANIFEST_FIELDS,
     MANIFEST_SCHEMA,
@@ -78,8 +78,13 @@ def test_round_trip_relative_paths(tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, records)
     stored = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert stored[0]["image"] == "imgs/a.png" and stored[1]["image"] == str(outside)
-    assert list(stored[0])[: len(MANIFEST_FIELDS)] == list(MANIFEST_FIELDS)
+    # no path in the manifest: they are in the private map beside it (mode 0600), relative when inside its folder
+    assert all("image" not in r for r in stored) and "a.png" not in manifest.read_text()
+    assert list(stored[0])[: len(MANIFEST_FIELDS) - 1] == [f for f in MANIFEST_FIELDS if f != "image"]
+    private = Path(str(manifest) + ".private.jsonl")
+    assert private.stat().st_mode & 0o777 == 0o600
+    mapped = [json.loads(line) for line in private.read_text().splitlines()]
+    assert mapped == [{"id": "r0", "image": "imgs/a.png"}, {"id": "r1", "image": str(outside)}]
     back = read_manifest(manifest)
     assert [r["image"] for r in back] == [str(inside), str(outside)]
     assert back[0]["frame"] == 2 and back[0]["slice"] is None and back[1]["custom"] == {"k": 1}
@@ -173,20 +178,34 @@ def test_cli_validate_split_subsample_export(tmp_path, capsys):
     assert train_small < train_large
     assert [r for r in small if r["split"] != "train"] == [r for r in split_records if r["split"] != "train"]
 
+    # every output carries its own private map with exactly its records' paths
+    for written in (split, out / "split.frac0.1.seed0.jsonl"):
+        private = [json.loads(line) for line in Path(str(written) + ".private.jsonl").read_text().splitlines()]
+        assert {e["id"] for e in private} == {json.loads(line)["id"] for line in written.read_text().splitlines()}
+        assert "images/" not in written.read_text()
+
     datalist = tmp_path / "datalist.json"
     assert main(["manifest", "export", str(split), "-o", str(datalist)]) == 0
     data = json.loads(datalist.read_text())
-    # MONAI's load_decathlon_datalist joins relative paths to the datalist's folder; do the same here
-    training = [dict(d, image=os.path.normpath(datalist.parent / d["image"])) for d in data["training"]]
+    assert all("image" not in d for d in data["training"])
+    training = load_datalist(datalist, "training")  # paths merged back from datalist.json.private.jsonl
     assert sorted(d["image"] for d in training) == sorted(r["image"] for r in split_records if r["split"] == "train")
     assert len(data["validation"]) + len(data["test"]) + len(training) == len(split_records)
     assert {d["label_index"] for d in training} == {0, 1}
+    # --with-paths: a private (0600) datalist that MONAI's load_decathlon_datalist reads directly
+    from monai.data import load_decathlon_datalist
+
+    with_paths = tmp_path / "datalist_paths.json"
+    assert main(["manifest", "export", str(split), "-o", str(with_paths), "--with-paths"]) == 0
+    assert with_paths.stat().st_mode & 0o777 == 0o600
+    monai_training = load_decathlon_datalist(str(with_paths), data_list_key="training")
+    assert sorted(os.path.normpath(d["image"]) for d in monai_training) == sorted(d["image"] for d in training)
 
 
 def test_datalist_maps_splits(tmp_path):
     records = [_record(0, str(tmp_path / "a.png"), split="val"), _record(1, "/abs/b.png", split=None, label=None),
                _record(2, str(tmp_path / "c.png"), split="pretrain")]
-    counts = write_datalist(tmp_path / "d.json", records)
+    counts = write_datalist(tmp_path / "d.json", records, with_paths=True)
     data = json.loads((tmp_path / "d.json").read_text())
     assert counts == {"training": 1, "validation": 1, "test": 0, "pretrain": 1}
     assert data["validation"][0]["image"] == "a.png" and data["training"][0]["image"] == "/abs/b.png"
@@ -205,3 +224,51 @@ def test_container_records_are_distinct_images_but_true_duplicates_are_found():
     recs.append(dict(recs[1], id="again"))
     dups = [p for p in check_records(recs, check_files=False) if "duplicate" in p]
     assert dups == ["duplicate image: records r1 and again both read /data/x.npz index 1 npz_split train"]
+
+
+def test_empty_manifest_is_an_error_for_every_command(tmp_path, capsys):
+    manifest = tmp_path / "empty.jsonl"
+    manifest.write_text("\n\n")
+    assert main(["manifest", "validate", str(manifest)]) == 1
+    out = capsys.readouterr().out
+    assert "empty manifest" in out and "ok: no problems" not in out
+    for argv in (["split", str(manifest), "-o", str(tmp_path / "s.jsonl")],
+                 ["subsample", str(manifest), "-o", str(tmp_path / "sub")],
+                 ["export", str(manifest), "-o", str(tmp_path / "d.json")]):
+        with pytest.raises(MedsslError, match="empty manifest"):
+            main(["manifest", *argv])
+    from medssl.data.sources import records_from_path
+
+    with pytest.raises(MedsslError, match="empty manifest"):
+        records_from_path(manifest)  # what pretrain and evaluate read
+    assert check_records([]) == ["empty manifest: no records"]
+
+
+def test_labels_are_nfc_normalised_and_collisions_named(tmp_path):
+    import unicodedata
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert composed != decomposed and unicodedata.normalize("NFC", decomposed) == composed
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "image": f"{i}.png", "source": "image", "label": lab})
+                                + "\n" for i, lab in enumerate([decomposed, decomposed, "tea"])))
+    records = read_manifest(manifest)
+    assert [r["label"] for r in records] == [composed, composed, "tea"]
+    assert check_records(records, labels=[decomposed, "tea"], check_files=False) == []
+    # both spellings in one manifest: a one-line error naming both, not two classes
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "image": f"{i}.png", "source": "image", "label": lab})
+                                + "\n" for i, lab in enumerate([composed, decomposed])))
+    with pytest.raises(MedsslError) as info:
+        read_manifest(manifest)
+    message = str(info.value)
+    assert "\n" not in message and ascii(composed) in message and ascii(decomposed) in message
+    # the same for class folders (macOS returns decomposed names)
+    from medssl.data.sources import records_from_path
+
+    folder = tmp_path / "folder"
+    for name in (composed, decomposed):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "x.png").write_bytes(b"x")
+    if len(list(folder.iterdir())) == 2:  # a normalising file system keeps one folder
+        with pytest.raises(MedsslError, match="NFC"):
+            records_from_path(folder)

@@ -217,3 +217,17 @@ def test_compressed_syntaxes_decode_through_pylibjpeg_plugins(name):
     else:
         slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
         np.testing.assert_allclose(img[0], ref * slope + intercept, atol=1e-4)
+
+
+def test_file_without_preamble_or_file_meta_decodes_as_the_ingest_accepts_it():
+    path = _file("OT-PAL-8-face.dcm")  # no 128-byte preamble, no DICM prefix, no file meta (ACR-NEMA style)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, force=True)
+    implicit, little = ds.original_encoding
+    assert (implicit, little) == (True, True) and "TransferSyntaxUID" not in ds.file_meta
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    reference = pydicom.pixels.apply_color_lut(ds.pixel_array, ds)  # palette colour -> RGB, naive reference
+    img, rng = read_dicom_frame(path)
+    np.testing.assert_array_equal(img, np.moveaxis(reference, -1, 0).astype(np.float32))
+    assert rng == (0.0, 65535.0)

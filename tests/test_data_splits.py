@@ -110,3 +110,42 @@ def test_ten_percent_subset_inside_twenty_five_percent_for_each_seed():
         assert [len(subsets[f]) for f in (0.01, 0.1, 0.25)] == [3, 30, 75]
         seen.append(tuple(subsets[0.1]))
     assert len(set(seen)) == 3  # different seeds draw different subsets
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from medssl.cli import data_cmd
+
+    parser = argparse.ArgumentParser(prog="medssl")
+    data_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("option", ["--group", "--stratify"])
+def test_unknown_group_or_stratify_field_is_a_one_line_error(tmp_path, option):
+    from medssl.data.manifest import write_manifest
+
+    records = [{"id": f"r{i}", "image": str(tmp_path / f"{i}.png"), "source": "image", "label": "ab"[i % 2],
+                "patient_id": f"p{i // 2}", "site": "s1"} for i in range(12)]
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, records)
+    out = tmp_path / "split.jsonl"
+    with pytest.raises(MedsslError) as info:
+        _cli(["manifest", "split", str(manifest), "-o", str(out), option, "nosuchfield"])
+    message = str(info.value)
+    assert "\n" not in message and str(manifest) in message and "'nosuchfield'" in message and option in message
+    assert "fields available: " in message and "patient_id" in message and "site" in message
+    assert not out.exists()
+    if option == "--stratify":
+        with pytest.raises(MedsslError, match="nosuchfield"):
+            _cli(["manifest", "subsample", str(manifest), "-o", str(tmp_path / "sub"), "--split", "all",
+                  "--stratify", "nosuchfield"])
+    # library level too; a real extra field and the standard fields (null when absent) are accepted
+    with pytest.raises(MedsslError, match="nosuchfield"):
+        split_records(records, **{"group_key" if option == "--group" else "stratify_key": "nosuchfield"})
+    grouped = split_records(records, group_key="site")
+    assert len({r["split"] for r in grouped}) == 1  # one site -> one group -> one split
+    assert split_records(records, group_key="lesion_id") and _cli(
+        ["manifest", "split", str(manifest), "-o", str(out), option, "site"]) == 0

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
         run_pretraining(PretrainConfig(out=out), resume=True, progress=False)
     else:
         opts = {"projector_hidden_dim": 16, "projector_out_dim": 8, "num_prototypes": 6, "num_local_crops": 0,
-                "freeze_prototypes_iterations": 2, "queue_length": 8, "queue_start_iteration": 2}
+                "freeze_prototypes_epochs": 1, "queue_length": 8, "epoch_queue_starts": 1}
         run_pretraining(PretrainConfig(
             data=data, out=out, method="swav", arch="resnet18", small_stem=True, widen_factor=0.125, image_size=16,
             batch_size=4, iterations=6, workers=0, knn_every=0, method_options=opts, checkpoint_every_epochs=0,

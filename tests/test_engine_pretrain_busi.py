@@ -1,4 +1,4 @@
-"""Acceptance 4 and 5 on real images (BUSI ultrasound PNGs from ../shared/data through ``shared_data``):
+"""Acceptance 4 and 5 on real images (BUSI ultrasound PNGs through the ``shared_data`` fixture):
 each method lowers its loss from random init, logs kNN balanced accuracy and writes a backbone that
 ``medssl weights inspect`` reads; a model with constant embeddings is flagged by the collapse monitor; a NaN loss
 stops the run with a clear message and leaves the last good checkpoint loadable."""
@@ -23,7 +23,7 @@ from medssl.engines.run import run_pretraining
 SETTINGS = {
     "simclr": ({"projector_hidden_dim": 32, "projector_out_dim": 16, "temperature": 0.5}, "lars", 5.0),
     "swav": ({"projector_hidden_dim": 32, "projector_out_dim": 16, "num_prototypes": 10, "num_local_crops": 0,
-              "freeze_prototypes_iterations": 2}, "adam", 3e-3),
+              "freeze_prototypes_epochs": 2}, "adam", 3e-3),
     "byol": ({"projector_hidden_dim": 32, "projector_out_dim": 16}, "adam", 3e-3),
     "simsiam": ({"projector_hidden_dim": 64, "projector_out_dim": 64, "predictor_hidden_dim": 16}, "sgd", 0.5),
 }
@@ -154,3 +154,47 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(busi_folders, tmp_path, m
     # steps logged after the last checkpoint before each failure were dropped on resume: no duplicates
     logged = [e["iteration"] for e in _read_metrics(run_dir) if "loss" in e]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_swav_prototypes_freeze_for_one_epoch_and_queue_starts_at_its_epoch(shared_data, tmp_path, monkeypatch,
+                                                                            caplog):
+    """Acceptance 1: SwAV on 16 BUSI images, 4 epochs of 4 steps (batch 4), a checkpoint per epoch. The
+    prototypes are bit-identical to the initial ones through epoch 1 (no gradient, so also no re-normalisation)
+    and move after it; with ``epoch_queue_starts=2`` the queue is empty after epoch 2 and full after epoch 3."""
+    import logging
+
+    data = _busi_subset(shared_data, tmp_path / "busi16", {"benign": 6, "malignant": 6, "normal": 4})
+    real_build = medssl.methods.build_method
+    initial = {}
+
+    def spy(name, backbone, **cfg):
+        method = real_build(name, backbone, **cfg)
+        initial["prototypes"] = method.prototypes.weight.detach().clone()
+        return method
+
+    monkeypatch.setattr(medssl.methods, "build_method", spy)
+    options = {"projector_hidden_dim": 32, "projector_out_dim": 16, "num_prototypes": 10, "num_local_crops": 0,
+               "epoch_queue_starts": 2}  # freeze_prototypes_epochs: default 1; queue_length: default
+    config = _config(data, data, tmp_path / "run", "swav", batch_size=4, iterations=16, knn_every=0,
+                     checkpoint_every_epochs=1, keep_checkpoints=4, method_options=options)
+    with caplog.at_level(logging.INFO, logger="medssl.methods.swav"):
+        run_dir = run_pretraining(config, progress=False)
+    recorded = json.loads((run_dir / "config.json").read_text())["method_schedule"]
+    # global batch 4 < 256: queue on by default, min(3840, one epoch = 16 images) = 16 embeddings
+    assert (recorded["steps_per_epoch"], recorded["freeze_prototypes_steps"]) == (4, 4)
+    assert (recorded["queue_length"], recorded["queue_start_step"]) == (16, 8)
+    assert "SwAV queue: 16 embeddings" in caplog.text and "from step 9" in caplog.text
+    ckpts = {it: load_checkpoint_file(path) for it, path in list_checkpoints(run_dir)}
+    assert sorted(ckpts) == [4, 8, 12, 16]
+    protos = {it: c["method"]["prototypes.weight"] for it, c in ckpts.items()}
+    assert torch.equal(protos[4], initial["prototypes"])  # frozen through the first epoch
+    for it in (8, 12, 16):
+        assert (protos[it] - initial["prototypes"]).abs().max() > 1e-3, it  # trained after it
+        torch.testing.assert_close(protos[it].norm(dim=1), torch.ones(10))  # and kept on the unit sphere
+    extra = {it: c["method_extra"] for it, c in ckpts.items()}
+    assert [extra[it]["steps_done"] for it in (4, 8, 12, 16)] == [4, 8, 12, 16]
+    assert extra[4]["queue"] is None and extra[8]["queue"] is None  # not before epoch 3 (after 2 epochs)
+    assert extra[12]["queue"] is not None and extra[12]["queue_filled"] == 16  # steps 9-12 filled it
+    assert extra[12]["queue"].shape == (2, 16, 16) and extra[12]["queue"].abs().sum(dim=2).gt(0).all()
+    filled = [e["queue_filled"] for e in _read_metrics(run_dir) if "loss" in e]
+    assert filled == [0] * 8 + [4, 8, 12, 16] + [16] * 4  # the logged queue: batches of 4 from step 9

@@ -18,7 +18,7 @@ from medssl.engines.run import run_pretraining
 METHOD_OPTIONS = {
     "simclr": {"projector_hidden_dim": 16, "projector_out_dim": 8},
     "swav": {"projector_hidden_dim": 16, "projector_out_dim": 8, "num_prototypes": 6, "num_local_crops": 2,
-             "freeze_prototypes_iterations": 2, "queue_length": 16, "queue_start_iteration": 2},
+             "freeze_prototypes_epochs": 1, "queue_length": 16, "epoch_queue_starts": 1},
     "byol": {"projector_hidden_dim": 16, "projector_out_dim": 8},
     "simsiam": {"projector_hidden_dim": 16, "projector_out_dim": 16, "predictor_hidden_dim": 8},
 }

@@ -210,3 +210,61 @@ def test_knn_split_uses_val_records_or_a_stratified_split():
     recs2 = recs + [{"label": "a", "split": "val"}, {"label": "b", "split": "test"}]
     ref2, qry2 = split_reference_query(recs2, seed=0)
     assert qry2 == [{"label": "a", "split": "val"}] and len(ref2) == 20
+
+
+@pytest.mark.parametrize("name", ["byol", "swav"])
+def test_skipped_optimizer_step_skips_the_method_hooks(name):
+    """A real (CPU) GradScaler meets inf gradients at step 2 and skips the optimizer step: the BYOL target and
+    SwAV's step counter (prototype freezing, queue start) and prototypes stay as after step 1; step 3 goes on."""
+    from ignite.engine import Events
+
+    from medssl.engines.trainer import PretrainingTrainer
+    from medssl.methods import build_method
+    from medssl.models import IMAGENET_NORMALIZATION, InputNormalization, build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", widen_factor=0.125, small_stem=True)
+    options = {"num_local_crops": 0, "num_prototypes": 4, "freeze_prototypes_epochs": 1 / 3, "queue_length": 0} \
+        if name == "swav" else {}
+    method = build_method(name, backbone, projector_hidden_dim=8, projector_out_dim=4, **options)
+    method.configure_run(steps_per_epoch=3, global_batch_size=4)
+    optimizer = build_optimizer("sgd", method.param_groups(0.0, 0.1), lr=0.1, weight_decay=0.0)
+    batch = {"views": [torch.rand(4, 3, 16, 16) for _ in range(2)]}
+    trainer = PretrainingTrainer(method=method, optimizer=optimizer,
+                                 schedule=WarmupCosineSchedule(optimizer, base_lr=0.1, max_iterations=3),
+                                 normalization=InputNormalization.from_spec(IMAGENET_NORMALIZATION),
+                                 data_loader=[batch] * 3, max_iterations=3, epoch_length=3, device="cpu")
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    hook = method.on_before_optimizer_step
+
+    def poison_step_2(iteration):
+        hook(iteration)
+        if iteration == 2:
+            method.backbone.conv1.weight.grad.fill_(float("inf"))
+
+    method.on_before_optimizer_step = poison_step_2
+    snapshots, outputs = [], []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _snapshot(engine):
+        outputs.append(dict(engine.state.output))
+        # parameters (online, target, prototypes) and the step counter; BatchNorm buffers move in every forward
+        snapshots.append({k: v.detach().clone() for k, v in method.named_parameters()}
+                         | {"steps_done": torch.tensor(getattr(method, "steps_done", -1))})
+
+    trainer.run()
+    assert [o.get("skipped_step") for o in outputs] == [None, 1.0, None]
+    assert trainer.grad_scaler.get_scale() == 2.0**7  # the scaler backed off once
+    first, skipped, third = snapshots
+    assert all(torch.equal(first[k], skipped[k]) for k in first)
+    if name == "byol":
+        assert "tau" not in outputs[1] and outputs[2]["tau"] == pytest.approx(cosine_tau_at(3, 3))
+        assert any(not torch.equal(skipped[k], third[k]) for k in third if k.startswith("target_"))
+    else:
+        assert [int(s["steps_done"]) for s in snapshots] == [1, 1, 2]
+        assert not torch.equal(skipped["prototypes.weight"], third["prototypes.weight"])
+
+
+def cosine_tau_at(iteration, max_iterations):
+    """BYOL's tau used after step ``iteration`` (1-based): ``1 - (1 - 0.996) * (cos(pi k / K) + 1) / 2``, k = it - 1."""
+    return 1 - (1 - 0.996) * (math.cos(math.pi * (iteration - 1) / max_iterations) + 1) / 2

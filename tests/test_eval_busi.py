@@ -26,8 +26,10 @@ from medssl.evaluation.bootstrap import bootstrap_ci
 # a class-stratified subset keeps the test within its time budget on 2 shared cores
 PER_CLASS = {"benign": 50, "malignant": 40, "normal": 30}
 ARGS = ["--arch", "resnet18", "--small-stem", "--widen-factor", "0.125", "--protocol", "linear",
-        "--fractions", "0.1,1.0", "--trials", "3", "--modality", "ultrasound", "--image-size", "32",
-        "--epochs", "30", "--batch-size", "32", "--seed", "7", "--bootstrap", "1000"]
+        "--fractions", "0.1,1.0", "--trials", "3", "--epochs", "30", "--batch-size", "32", "--seed", "7",
+        "--bootstrap", "1000"]
+# random init has no pretraining record: it is told the preset and size; the pretrained file inherits them
+RANDOM_ONLY = ["--modality", "ultrasound", "--image-size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def busi_evals(shared_data, tmp_path_factory):
     ckpt = run / "backbone.safetensors"
     out_random, out_p2x = root / "ev_random", root / "ev_p2x"
     assert main(["evaluate", "--backbone", "random", "--data", str(manifest), "--name", "Random",
-                 "--out", str(out_random), *ARGS]) == 0
+                 "--out", str(out_random), *ARGS, *RANDOM_ONLY]) == 0
     assert main(["evaluate", "--backbone", str(ckpt), "--data", str(manifest), "--name", "P2X",
                  "--out", str(out_p2x), *ARGS]) == 0
     return root, out_random, out_p2x
@@ -102,6 +104,9 @@ def test_both_evaluations_write_all_outputs(busi_evals):
             assert (d / name).is_file() and (d / name).stat().st_size > 0, name
         res = json.loads((d / "results.json").read_text())
         assert res["config"]["fractions"] == [0.1, 1.0] and res["config"]["trials"] == 3
+        assert res["config"]["image_size"] == 32 and res["config"]["modality"] == "ultrasound"
+        source = res["input_settings"]["image_size"]["source"]
+        assert source == ("given" if d.name == "ev_random" else "checkpoint provenance (pretraining run)")
         assert len(res["data"]["manifest_sha256"]) == 64 and "scikit-learn" in res["versions"]
         assert res["data"]["split_sizes"] == {"train": 72, "val": 24, "test": 24}
         assert "balanced_accuracy" in res["definitions"]

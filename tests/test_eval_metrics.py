@@ -16,10 +16,11 @@ from sklearn.metrics import (
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from medssl.evaluation.bootstrap import (
-    batched_confusion,
     bootstrap_ci,
+    cluster_confusions,
+    cluster_weights,
+    make_clusters,
     paired_bootstrap,
-    stratified_bootstrap_indices,
 )
 from medssl.evaluation.losses import SoftmaxFocalLoss, balanced_class_weights, build_loss
 from medssl.evaluation.metrics import (
@@ -71,19 +72,23 @@ def test_auroc_nan_for_absent_class_and_balanced_accuracy_skips_it():
     assert balanced_accuracy(y_true, y_pred, 3) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
 
 
-def test_bootstrap_indices_are_stratified_and_batched_confusion_matches_loop():
+def test_image_bootstrap_weights_are_stratified_and_weighted_confusion_matches_loop():
+    """Without patient ids every image is a cluster: resamples keep the class counts; the weighted confusion
+    equals sklearn's on the expanded resample; the same seed gives the same resamples."""
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 3, 50)
     y_pred = rng.integers(0, 3, 50)
-    idx = stratified_bootstrap_indices(y_true, 20, seed=1)
-    assert idx.shape == (20, 50)
-    for row in idx:
-        np.testing.assert_array_equal(np.bincount(y_true[row], minlength=3), np.bincount(y_true, minlength=3))
-    cms = batched_confusion(y_true, y_pred, idx, 3)
+    clusters = make_clusters(y_true)
+    assert clusters.unit == "image" and clusters.n_clusters == 50
+    w = cluster_weights(clusters, 20, np.random.default_rng(1))
+    assert w.shape == (20, 50)
+    conf = cluster_confusions(y_true, y_pred, clusters, 3)
     for b in range(20):
-        np.testing.assert_array_equal(cms[b], sk_confusion_matrix(y_true[idx[b]], y_pred[idx[b]], labels=[0, 1, 2]))
-    # seeded: same seed, same resamples
-    np.testing.assert_array_equal(idx, stratified_bootstrap_indices(y_true, 20, seed=1))
+        rows = np.repeat(np.arange(50), w[b])
+        np.testing.assert_array_equal(np.bincount(y_true[rows], minlength=3), np.bincount(y_true, minlength=3))
+        np.testing.assert_array_equal((w[b] @ conf).reshape(3, 3),
+                                      sk_confusion_matrix(y_true[rows], y_pred[rows], labels=[0, 1, 2]))
+    np.testing.assert_array_equal(w, cluster_weights(clusters, 20, np.random.default_rng(1)))
 
 
 def test_bootstrap_ci_coverage_simulation():

@@ -167,8 +167,11 @@ def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tm
         test_probs = torch.softmax(model(torch.stack([tf(r)["image"] for r in recs if r["split"] == "test"])), 1)
     y_val = [CLASSES.index(r["label"]) for r in val]
     assert balanced_accuracy_score(y_val, val_pred) == pytest.approx(record["val_balanced_accuracy"])
-    rows = (out / "predictions.csv").read_text().splitlines()[1:]
-    saved = np.array([[float(v) for v in r.split(",")[6:]] for r in rows])
+    import csv
+
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    saved = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
     np.testing.assert_allclose(saved, test_probs.numpy(), atol=2e-6)
 
 

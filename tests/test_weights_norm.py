@@ -116,7 +116,7 @@ def _naive_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mean, ss / (n - 1), ss / n
 
 
-def test_recalibrate_bn_gives_naive_batch_statistics_and_restores_modes() -> None:
+def test_recalibrate_bn_gives_pooled_naive_statistics_and_restores_modes() -> None:
     torch.manual_seed(0)
     model = _Small()
     with torch.no_grad():
@@ -125,27 +125,33 @@ def test_recalibrate_bn_gives_naive_batch_statistics_and_restores_modes() -> Non
     model.train()
     model.bn2.eval()
     gen = torch.Generator().manual_seed(3)
-    batches = [torch.rand(3, 3, 8, 8, generator=gen) * (1 + i) for i in range(5)]
+    # batches of different sizes and scales: pooled statistics differ from averaged per-batch ones
+    batches = [torch.rand(3 + i, 3, 8, 8, generator=gen) * (1 + i) for i in range(5)]
     report = recalibrate_bn(model, iter(batches), num_batches=3)
-    assert report["num_batches"] == 3 and report["num_samples"] == 9 and report["count"] == 2
-    # reference: the same network written out, BN in batch-statistics mode, dropout off
-    m1, v1, m2, v2 = [], [], [], []
+    assert report["num_batches"] == 3 and report["num_samples"] == 12 and report["count"] == 2
+    # reference: the same network written out, each BN normalising with its batch statistics, dropout off;
+    # the inputs of each BN collected over all calibration images, then mean / unbiased variance
+    inputs1, inputs2 = [], []
     with torch.no_grad():
         for x in batches[:3]:
             a = model.conv1(x)
-            mean, unbiased, biased = _naive_stats(a)
-            m1.append(mean)
-            v1.append(unbiased)
+            mean, _, biased = _naive_stats(a)
             g, b = model.bn1.weight.double(), model.bn1.bias.double()
             h = torch.relu((a.double() - mean[:, None, None]) / torch.sqrt(biased[:, None, None] + 1e-5)
                            * g[:, None, None] + b[:, None, None])
-            mean2, unbiased2, _ = _naive_stats(model.conv2(h.float()))
-            m2.append(mean2)
-            v2.append(unbiased2)
-    for bn, means, variances in ((model.bn1, m1, v1), (model.bn2, m2, v2)):
-        torch.testing.assert_close(bn.running_mean.double(), sum(means) / 3, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn.running_var.double(), sum(variances) / 3, rtol=1e-5, atol=1e-6)
+            inputs1.append(a)
+            inputs2.append(model.conv2(h.float()))
+    averaged_var = []
+    for bn, inputs in ((model.bn1, inputs1), (model.bn2, inputs2)):
+        values = np.concatenate([t.double().numpy().transpose(1, 0, 2, 3).reshape(t.shape[1], -1)
+                                 for t in inputs], axis=1)
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), values.mean(axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), values.var(axis=1, ddof=1),
+                                   rtol=1e-5, atol=1e-6)
+        averaged_var.append(sum(_naive_stats(t)[1] for t in inputs) / 3)
         assert int(bn.num_batches_tracked) == 3
+    # torch's cumulative average of per-batch variances (update_bn) underestimates the pooled variance here
+    assert float((model.bn1.running_var.double() - averaged_var[0]).min()) > 1e-3
     assert model.training and model.conv1.training and model.drop.training and model.bn1.training
     assert not model.bn2.training
     assert model.bn1.momentum == 0.1 and model.bn2.momentum == 0.3

@@ -60,7 +60,7 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_scale_frobenius_keeps_eval_output_and_bounds_norms() -> None:
+def test_unit_norm_rule_keeps_eval_output_and_bounds_norms() -> None:
     model = _inflated_resnet("resnet50")
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -69,7 +69,7 @@ def test_scale_frobenius_keeps_eval_output_and_bounds_norms() -> None:
     before = copy.deepcopy(model)
     with torch.no_grad():
         ref = model(x)
-        report = scale_frobenius(model)
+        report = scale_frobenius(model, rule="unit_norm")
         out = model(x)
     assert _max_rel_err(out, ref) <= 1e-4
     assert report["count"] == len(convs) and not report["unpaired"]
@@ -96,13 +96,69 @@ def test_unit_norm_rule_keeps_train_mode_output_but_paper_rule_does_not() -> Non
     with torch.no_grad():
         ref_eval = model(x)
         ref_train = copy.deepcopy(model).train()(x)
-        scale_frobenius(model)
-        report = scale_frobenius(paper, rule="paper")
+        scale_frobenius(model, rule="unit_norm")
+        report = scale_frobenius(paper)  # default rule: the paper's
         assert _max_rel_err(paper(x), ref_eval) <= 1e-4  # the literal rule also preserves eval mode
         assert _max_rel_err(copy.deepcopy(model).train()(x), ref_train) <= 1e-3
         assert _max_rel_err(copy.deepcopy(paper).train()(x), ref_train) > 1e-2
     for row in report["layers"]:  # ... but leaves the layer at norm sqrt(s) > 1
         assert _conv_norm(paper.get_submodule(row["conv"])) == pytest.approx(math.sqrt(row["frobenius_norm"]), rel=1e-5)
+
+
+def test_paper_rule_equals_closed_form_and_keeps_eval_output() -> None:
+    """Ciga et al.: W / sqrt(s), running_mean / sqrt(s), running_var / s^2, gamma / sqrt(s) (times the eps
+    factor sqrt((var + s^2 eps) / (var + eps)) that keeps the eval output exact), for every conv+BN pair."""
+    model = _inflated_resnet("resnet18")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    before = copy.deepcopy(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        ref = model(x)
+        report = scale_frobenius(model)
+        out = model(x)
+    assert report["rule"] == "paper" and report["count"] == len(convs) == 20
+    assert _max_rel_err(out, ref) <= 1e-4
+    for row in report["layers"]:
+        old_conv, new_conv = before.get_submodule(row["conv"]), model.get_submodule(row["conv"])
+        old_bn, new_bn = before.get_submodule(row["norm"]), model.get_submodule(row["norm"])
+        s = math.sqrt(math.fsum(v * v for v in old_conv.weight.detach().double().flatten().tolist()))
+        assert s > 1 and row["frobenius_norm"] == pytest.approx(s, rel=1e-12)
+        var = old_bn.running_var.double()
+        eps_factor = torch.sqrt((var + s**2 * old_bn.eps) / (var + old_bn.eps))
+        torch.testing.assert_close(new_conv.weight.double(), old_conv.weight.double() / math.sqrt(s))
+        torch.testing.assert_close(new_bn.running_mean.double(), old_bn.running_mean.double() / math.sqrt(s))
+        torch.testing.assert_close(new_bn.running_var.double(), var / s**2)
+        torch.testing.assert_close(new_bn.weight.double(), old_bn.weight.double() / math.sqrt(s) * eps_factor)
+        assert torch.equal(new_bn.bias, old_bn.bias)
+
+
+def test_paper_rule_literal_gamma_multiplies_bn_eps_by_s_squared() -> None:
+    """compensate_eps=False: gamma is exactly gamma / sqrt(s), and the network computes the original one with
+    each scaled BatchNorm's eps multiplied by s^2 (the documented eps effect)."""
+    model = _inflated_resnet("resnet18")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        report = scale_frobenius(model, compensate_eps=False)
+        for row in report["layers"]:
+            old_bn, new_bn = reference.get_submodule(row["norm"]), model.get_submodule(row["norm"])
+            s = row["frobenius_norm"]
+            torch.testing.assert_close(new_bn.weight.double(), old_bn.weight.double() / math.sqrt(s))
+            old_bn.eps = old_bn.eps * s**2
+        assert _max_rel_err(model(x), reference(x)) <= 1e-4
+
+
+def test_scaling_a_groupnorm_network_is_refused_in_one_line() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MedsslError, match="--norm bn") as info:
+        scale_frobenius(model)
+    assert "\n" not in str(info.value) and "GroupNorm" in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(MedsslError, match="none"):
+        scale_frobenius(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
 
 
 def test_pairing_by_tracing_and_by_name_agree_on_torchvision_names() -> None:
@@ -113,15 +169,17 @@ def test_pairing_by_tracing_and_by_name_agree_on_torchvision_names() -> None:
     assert len(traced) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def test_resnetv2_preactivation_pairs_and_standardised_convs_are_skipped() -> None:
+def test_resnetv2_preactivation_pairs_and_standardised_convs_are_refused() -> None:
     model = build_backbone("resnetv2_50x1", widen_factor=0.125, norm="bn", small_stem=True).eval()
     pairs = find_conv_norm_pairs(model)
     assert pairs["stages.0.blocks.0.conv1"] == "stages.0.blocks.0.norm2"
     assert pairs["stages.0.blocks.0.conv2"] == "stages.0.blocks.0.norm3"
     assert "stages.0.blocks.0.conv3" not in pairs and "stem.conv" not in pairs
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = scale_frobenius(model)
-    assert report["count"] == 0 and len(report["skipped"]) > 0
+    # scaling a standardised conv would not shrink its output while the BN statistics shrink: refused
+    with pytest.raises(MedsslError, match="--fold-ws") as info:
+        scale_frobenius(model)
+    assert "\n" not in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

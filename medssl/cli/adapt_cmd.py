@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--deid-key-env", default=DEFAULT_KEY_ENV,
                    help=f"environment variable holding the pseudonymisation key (default {DEFAULT_KEY_ENV})")
     p.add_argument("--allow-insecure-key", action="store_true",
-                   help="demo/test only: use the public demo key when the key variable is unset")
+                   help="demo/test only: accept a key weaker than 128 bits, or use the public demo key when "
+                   "the key variable is unset; records are then marked not de-identified")
     g = p.add_argument_group("generic layouts (folder, csv)")
     g.add_argument("--modality", default=None, help="DICOM-style modality code to record, e.g. US, DX, MR")
     g.add_argument("--preset", default=None,
@@ -86,9 +87,10 @@ def run_adapt(args: argparse.Namespace) -> int:
         args.name, args.root, deid=deid, split_ratios=args.split_ratios, seed=args.seed,
         probe_images=not args.no_probe, on_missing="skip" if args.skip_missing else "error", **_options(args),
     )
-    write_manifest(args.output, records)
+    write_manifest(args.output, records)  # paths go to the private map <output>.private.jsonl
     counts = Counter((r.get("split") or "-", r.get("label") or "-") for r in records)
-    print(f"{args.output}: {len(records)} records from {args.name}")
+    print(f"{args.output}: {len(records)} records from {args.name}"
+          + ("" if deid.deidentified else " (NOT de-identified: weak or public key)"))
     for split in sorted({s for s, _ in counts}):
         per_label = ", ".join(f"{lab} {n}" for (s, lab), n in sorted(counts.items()) if s == split)
         print(f"  split {split}: {sum(n for (s, _), n in counts.items() if s == split)} ({per_label})")

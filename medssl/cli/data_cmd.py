@@ -8,9 +8,10 @@ from pathlib import Path
 
 from medssl.data.datalist import write_datalist
 from medssl.data.deid import DEFAULT_KEY_ENV, Pseudonymizer
-from medssl.data.ingest import IngestOptions, format_summary, ingest_dicom, parse_frames
+from medssl.data.ingest import IngestOptions, default_errors_path, format_summary, ingest_dicom, parse_frames
 from medssl.data.manifest import check_records, read_manifest, write_manifest
-from medssl.data.splits import class_counts, nested_subsamples, split_records
+from medssl.data.splits import class_counts, nested_subsamples, require_field, split_records
+from medssl.data.verify import decode_failures, write_cleaned
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_json
 
@@ -49,6 +50,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         exclude_burned_in=args.exclude_burned_in,
         frames=parse_frames(args.frames),
         progress=not args.no_progress,
+        verify_decode=args.verify_decode,
     )
     summary = ingest_dicom(args.folder, args.output, pseudonymizer=pseudonymizer, errors_path=args.errors,
                            options=options)
@@ -65,11 +67,21 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"problem: {exc}")
         return 1
     labels = _csv(args.labels) if args.labels else None
+    if args.output and not args.decode:
+        raise MedsslError("--output writes the manifest without the records that fail to decode: add --decode")
     problems = check_records(records, labels=labels, check_files=not args.no_check_files)
+    failures = decode_failures(records, workers=args.workers, progress=not args.no_progress) if args.decode else []
+    problems += [f"record {records[i]['id']}: {reason}" for i, reason in failures]
     for problem in problems:
         print(f"problem: {problem}")
     counts = class_counts(records)
     print(f"{len(records)} records; per split and label: {json.dumps(counts)}")
+    if args.decode:
+        print(f"decode: {len(records) - len(failures)} of {len(records)} records decode")
+    if args.output:
+        errors_path = args.errors or default_errors_path(args.output)
+        kept = write_cleaned(args.output, errors_path, records, failures)
+        print(f"wrote {args.output}: {kept} records; {len(failures)} removed, listed in {errors_path}")
     print(f"{len(problems)} problem(s)" if problems else "ok: no problems found")
     return 1 if problems else 0
 
@@ -77,6 +89,11 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     records = read_manifest(args.manifest)
     names = _csv(args.names)
+    try:
+        require_field(records, _optional_key(args.group), "--group")
+        require_field(records, _optional_key(args.stratify), "--stratify")
+    except MedsslError as exc:
+        raise MedsslError(exc.reason, args.manifest) from None
     out = split_records(
         records,
         ratios=_floats(args.ratios, "--ratios"),
@@ -85,7 +102,7 @@ def run_split(args: argparse.Namespace) -> int:
         stratify_key=_optional_key(args.stratify),
         seed=args.seed,
     )
-    write_manifest(args.output, out)
+    write_manifest(args.output, out)  # with its private map <output>.private.jsonl
     print(f"wrote {args.output}: {json.dumps(class_counts(out, args.stratify if _optional_key(args.stratify) else 'label'))}")
     return 0
 
@@ -94,6 +111,10 @@ def run_subsample(args: argparse.Namespace) -> int:
     records = read_manifest(args.manifest)
     fractions = _floats(args.fractions, "--fractions")
     seeds = _ints(args.seeds, "--seeds")
+    try:
+        require_field(records, _optional_key(args.stratify), "--stratify")
+    except MedsslError as exc:
+        raise MedsslError(exc.reason, args.manifest) from None
     pool = [i for i, r in enumerate(records) if args.split in ("all", r.get("split"))]
     if not pool:
         raise MedsslError(f"no record has split {args.split!r}", args.manifest)
@@ -118,7 +139,7 @@ def run_subsample(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     records = read_manifest(args.manifest)
-    counts = write_datalist(args.output, records)
+    counts = write_datalist(args.output, records, with_paths=args.with_paths)
     print(f"wrote {args.output}: {json.dumps(counts)}")
     return 0
 
@@ -142,7 +163,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ingest.add_argument("--deid-key-env", default=DEFAULT_KEY_ENV,
                         help=f"environment variable holding the pseudonymisation key (default {DEFAULT_KEY_ENV})")
     ingest.add_argument("--allow-insecure-key", action="store_true",
-                        help="demo/test only: use the public demo key when the key variable is unset")
+                        help="demo/test only: accept a key weaker than 128 bits, or use the public demo key when "
+                        "the key variable is unset; records are then marked not de-identified")
+    ingest.add_argument("--verify-decode", action="store_true",
+                        help="decode every record through the training loader (in --workers processes) and move "
+                        "the records that fail to the errors file")
     ingest.add_argument("--summary-json", help="also write the summary as JSON here")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
     ingest.set_defaults(func=run_ingest)
@@ -154,6 +179,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("manifest")
     validate.add_argument("--labels", help="the expected class labels, comma-separated")
     validate.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
+    validate.add_argument("--decode", action="store_true",
+                          help="also decode every record through the training loader (slow; in --workers processes)")
+    validate.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
+    validate.add_argument("-o", "--output", help="with --decode: write the manifest without the records that fail "
+                          "to decode here (exit status stays 1 when any problem was found)")
+    validate.add_argument("--errors", help="with --output: errors file for the removed records "
+                          "(JSONL; default <output>.errors.jsonl)")
+    validate.add_argument("--no-progress", action="store_true", help="no progress bar")
     validate.set_defaults(func=run_validate)
 
     split = sub.add_parser("split", help="grouped, stratified split")
@@ -177,6 +210,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = sub.add_parser("export", help="write a MONAI datalist JSON (training/validation/test)")
     export.add_argument("manifest")
-    export.add_argument("-o", "--output", required=True, help="datalist JSON to write")
+    export.add_argument("-o", "--output", required=True,
+                        help="datalist JSON to write (no paths; they go to <output>.private.jsonl)")
+    export.add_argument("--with-paths", action="store_true",
+                        help="keep image paths in the datalist (for monai.data.load_decathlon_datalist); the "
+                        "datalist is then private (mode 0600) and must not be shared")
     export.set_defaults(func=run_export)
 

@@ -23,9 +23,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--protocol", choices=("linear", "finetune", "knn"), default="linear")
     ev.add_argument("--fractions", default="1.0", help="label fractions of the train split, e.g. 0.01,0.1,1.0")
     ev.add_argument("--trials", type=int, default=3, help="trials (different stratified subsets) per fraction")
-    ev.add_argument("--modality", default="generic", help="eval transform preset (e.g. ultrasound, xray)")
-    ev.add_argument("--image-size", type=int, default=64)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--modality", default=None,
+                    help="eval transform preset (e.g. ultrasound, xray); default: the backbone's pretraining preset "
+                    "(medssl files from 'medssl pretrain'); required for other checkpoints and 'random'")
+    ev.add_argument("--image-size", type=int, default=None,
+                    help="input size in px; default: the backbone's pretraining image size (medssl files from "
+                    "'medssl pretrain'); required for other checkpoints and 'random'")
+    ev.add_argument("--input-normalization", default=None,
+                    help="imagenet | half | none | 'm1,m2,m3/s1,s2,s3'; default: what the checkpoint records "
+                    "(ImageNet mean/std for 'random')")
+    ev.add_argument("--norm", choices=("keep", "bn"), default="keep",
+                    help="bn: replace GroupNorm by BatchNorm (Lu et al.'s BiT baseline) and estimate its statistics "
+                    "on the train images (implies --recalibrate-bn)")
+    ev.add_argument("--recalibrate-bn", action="store_true",
+                    help="re-estimate BatchNorm statistics on the train images before evaluating (needed for a "
+                    "file converted with 'weights convert --norm bn' without --recalibrate)")
+    ev.add_argument("--recalibrate-batches", type=int, default=None,
+                    help="batches (of --batch-size train images) for BatchNorm recalibration (implies "
+                    "--recalibrate-bn); default: one pass over the train split, as torch.optim.swa_utils.update_bn")
+    ev.add_argument("--batch-size", type=int, default=64,
+                    help="images per batch for feature extraction and fine-tuning, and features per linear-probe "
+                    "step (default 64)")
     ev.add_argument("--epochs", type=int, default=None, help="default 100 (linear) / 20 (finetune)")
     ev.add_argument("--lr", type=float, default=None, help="default 1e-3 (linear) / 3e-4 (finetune)")
     ev.add_argument("--weight-decay", type=float, default=None, help="default 0 (linear) / 1e-4 (finetune)")
@@ -35,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--temperature", type=float, default=0.07, help="kNN temperature")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (>= 1000)")
+    ev.add_argument("--cluster-by", choices=("auto", "lesion_id", "patient_id", "none"), default="auto",
+                    help="unit resampled by the bootstrap CIs: auto (default) = lesion_id if any test image has "
+                    "one, else patient_id, else the image (none)")
     ev.add_argument("--name", default=None, help="label of this initialisation in reports, e.g. P2X")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--num-workers", type=int, default=0)
@@ -49,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("-o", "--out", required=True, help="OUT_DIR")
     rep.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN_DIR",
                      help="pretraining run folders (metrics.jsonl) for loss and kNN curves")
-    rep.add_argument("--bootstrap", type=int, default=1000, help="resamples of the paired bootstrap")
+    rep.add_argument("--bootstrap", type=int, default=1000,
+                     help="resamples of the paired bootstrap (raised to 10,000 where p < ~0.01)")
+    rep.add_argument("--cluster-by", choices=("auto", "lesion_id", "patient_id", "none"), default=None,
+                     help="unit resampled by CIs and paired tests; default: each evaluation's own --cluster-by")
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(func=report)
 
@@ -60,6 +84,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from medssl.evaluation.fractions import parse_fractions
     from medssl.evaluation.run import run_evaluation
+    from medssl.evaluation.setup import parse_input_normalization
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -70,13 +95,16 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.widen_factor != 1.0:
         arch_kwargs["widen_factor"] = args.widen_factor
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = parse_input_normalization(args.input_normalization) if args.input_normalization else None
     out = run_evaluation(
         args.data, args.out, backbone=args.backbone, trust=args.trust, protocol=args.protocol,
+        input_normalization=spec, norm=args.norm, recalibrate_bn=args.recalibrate_bn,
+        recalibrate_batches=args.recalibrate_batches,
         arch=args.arch, arch_kwargs=arch_kwargs, fractions=fractions, trials=args.trials,
         modality=args.modality, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, gamma=args.gamma, k=args.k,
         temperature=args.temperature, seed=args.seed, bootstrap=args.bootstrap, name=args.name, device=device,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, cluster_by=args.cluster_by)
     print(out / "report.md")
     return 0
 
@@ -86,6 +114,6 @@ def report(args: argparse.Namespace) -> int:
     from medssl.evaluation.report import compare_evaluations
 
     path = compare_evaluations(args.eval_dirs, args.out, pretrain_runs=args.pretrain_runs,
-                               n_resamples=args.bootstrap, seed=args.seed)
+                               n_resamples=args.bootstrap, seed=args.seed, cluster_by=args.cluster_by)
     print(path)
     return 0

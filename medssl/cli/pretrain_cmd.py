@@ -18,18 +18,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "RUN_DIR receives config.json, checkpoints/, tb/, metrics.jsonl and backbone.safetensors.")
     p.add_argument("--data", help="manifest (.jsonl) or folder of images (subfolders = labels)")
     p.add_argument("--method", choices=["simclr", "swav", "byol", "simsiam"])
-    p.add_argument("--init", default="random", help="'random' or a checkpoint file (any supported format)")
+    p.add_argument("--init", help="'random' (default) or a checkpoint file (any supported format)")
     p.add_argument("--arch", help="architecture (default: the checkpoint's; resnet50 for random init)")
-    p.add_argument("--norm", choices=["keep", "bn"], default="keep", help="bn: replace GroupNorm by BatchNorm")
-    p.add_argument("--scale-frobenius", action="store_true", help="Frobenius scaling of conv+BN pairs (Ciga et al.)")
-    p.add_argument("--dead-filters", choices=["copy", "random", "none"], default="none")
-    p.add_argument("--use-checkpoint-heads", action="store_true", help="start from the checkpoint's SSL heads")
-    p.add_argument("--trust", action="store_true", help="allow pickled checkpoints that need arbitrary classes")
+    p.add_argument("--norm", choices=["keep", "bn"], help="keep (default) or bn: replace GroupNorm by BatchNorm")
+    p.add_argument("--scale-frobenius", action="store_true", default=None,
+                   help="Frobenius scaling of conv+BN pairs (Ciga et al.); a GroupNorm BiT needs --norm bn --fold-ws")
+    p.add_argument("--frobenius-rule", choices=["paper", "unit_norm"],
+                   help="paper (default, Ciga et al.): W, gamma, running mean / sqrt(s), running var / s^2; "
+                        "unit_norm: W, running mean / s, running var / s^2")
+    p.add_argument("--fold-ws", action="store_true", default=None,
+                   help="fold weight standardisation into plain convs (required to scale a BiT)")
+    p.add_argument("--dead-filters", choices=["copy", "random", "none"], help="default none")
+    p.add_argument("--use-checkpoint-heads", action="store_true", default=None,
+                   help="start from the checkpoint's SSL heads")
+    p.add_argument("--trust", action="store_true", default=None,
+                   help="allow pickled checkpoints that need arbitrary classes (new runs only: a resume never "
+                        "reads the init checkpoint again)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty RUN_DIR")
-    p.add_argument("--modality", default="generic",
-                   help="augmentation preset: generic, xray, ultrasound, histology, mri, dermatoscopy")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its last checkpoint; only --iterations, --stop-after, "
+                        "--workers, --device, --lr, --knn-every, --checkpoint-every(-epochs), --keep-checkpoints, "
+                        "--skip-bad-records and --no-progress may be given with it (recorded in resumes.jsonl)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="start a new run in a non-empty RUN_DIR")
+    p.add_argument("--modality",
+                   help="augmentation preset: generic (default), xray, ultrasound, histology, mri, dermatoscopy")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int)
     length.add_argument("--iterations", type=int, help="optimizer steps (overrides --epochs)")
@@ -40,28 +52,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "lars"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training network")
-    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training network")
+    p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--workers", type=int, help="data-loading processes (default 4)")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--augment-on", choices=["loader", "device"], default="loader",
-                   help="loader: per-sample augmentation in the workers; device: batched (kornia) on the "
+    p.add_argument("--augment-on", choices=["loader", "device"],
+                   help="loader (default): per-sample augmentation in the workers; device: batched (kornia) on the "
                         "training device, for GPUs whose loader cannot keep up")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm across processes (torchrun)")
     p.add_argument("--knn-data", help="labelled folder/manifest for the kNN monitor (default: labelled --data)")
-    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN checks (0 = off)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="iterations between checkpoints (0 = off)")
-    p.add_argument("--checkpoint-every-epochs", type=int, default=1, help="epochs between checkpoints (0 = off)")
-    p.add_argument("--keep-checkpoints", type=int, default=3)
-    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (small images)")
-    p.add_argument("--widen-factor", type=float, default=1.0)
-    p.add_argument("--method-options", default="{}", metavar="JSON",
+    p.add_argument("--knn-every", type=int, help="epochs between kNN checks (0 = off; default 1)")
+    p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (0 = off, default)")
+    p.add_argument("--checkpoint-every-epochs", type=int, help="epochs between checkpoints (0 = off; default 1)")
+    p.add_argument("--keep-checkpoints", type=int, help="default 3")
+    p.add_argument("--skip-bad-records", type=int, metavar="N",
+                   help="replace up to N unreadable records (logged to RUN_DIR/errors.jsonl) instead of stopping "
+                        "at the first (default 0)")
+    p.add_argument("--small-stem", action="store_true", default=None,
+                   help="3x3 stride-1 stem without max-pool (small images)")
+    p.add_argument("--widen-factor", type=float, help="default 1.0")
+    p.add_argument("--method-options", metavar="JSON",
                    help='method keyword options as JSON, e.g. \'{"temperature": 0.5}\'')
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_pretrain)
+    # options default to None so that a resume can tell given options from defaults
+    p.set_defaults(func=run_pretrain, pretrain_parser=p)
+
+
+#: namespace entries that are not run settings
+_NOT_SETTINGS = frozenset({"func", "command", "debug", "out", "resume", "no_progress", "pretrain_parser"})
+
+
+def given_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options given on the command line (value differs from the parser default, which is None)."""
+    parser = getattr(args, "pretrain_parser", None)
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None
+            and (parser is None or v != parser.get_default(k))}
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -70,9 +98,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from medssl.engines.run import run_pretraining
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.resume:
-        cfg = PretrainConfig(out=args.out, iterations=args.iterations, stop_after=args.stop_after)
-        run_dir = run_pretraining(cfg, resume=True, progress=not args.no_progress)
+    if args.resume:  # only the given options reach the resume, which applies or refuses them
+        run_dir = run_pretraining(PretrainConfig(out=args.out), resume=True, progress=not args.no_progress,
+                                  resume_options=given_options(args))
         print(run_dir)
         return 0
     if not args.data or not args.method:
@@ -80,7 +108,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         raise MedsslError("data not found", args.data)
     try:
-        options = json.loads(args.method_options)
+        options = json.loads(args.method_options or "{}")
     except json.JSONDecodeError as exc:
         raise MedsslError(f"--method-options is not valid JSON ({exc})") from exc
     if not isinstance(options, dict):
@@ -88,6 +116,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     values = {
         "data": args.data, "out": args.out, "method": args.method, "init": args.init, "arch": args.arch,
         "norm": args.norm, "scale_frobenius": args.scale_frobenius, "dead_filters": args.dead_filters,
+        "frobenius_rule": args.frobenius_rule, "fold_ws": args.fold_ws,
         "use_checkpoint_heads": args.use_checkpoint_heads, "trust": args.trust, "modality": args.modality,
         "iterations": args.iterations, "stop_after": args.stop_after, "lr": args.lr, "optimizer": args.optimizer,
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "precision": args.precision,
@@ -97,10 +126,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
         "knn_data": args.knn_data, "knn_every": args.knn_every, "checkpoint_every": args.checkpoint_every,
         "checkpoint_every_epochs": args.checkpoint_every_epochs, "keep_checkpoints": args.keep_checkpoints,
         "small_stem": args.small_stem, "widen_factor": args.widen_factor, "method_options": options,
+        "skip_bad_records": args.skip_bad_records,
     }
+    values = {k: v for k, v in values.items() if v is not None}  # not given: the PretrainConfig default
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    run_dir = run_pretraining(PretrainConfig(**values), overwrite=args.overwrite, progress=not args.no_progress)
+    run_dir = run_pretraining(PretrainConfig(**values), overwrite=bool(args.overwrite),
+                              progress=not args.no_progress)
     print(run_dir)
     return 0

@@ -3,7 +3,10 @@
 Modules (imported on use, so ``import medssl.data`` stays light):
 
 - :mod:`medssl.data.manifest` - the JSONL manifest: fields, schema, read/write/validate/check.
-- :mod:`medssl.data.deid` - keyed pseudonyms (``MEDSSL_DEID_KEY``) and PHI scrubbing of free text.
+- :mod:`medssl.data.private_map` - the private source map ``<manifest>.private.jsonl`` (paths, mode 0600).
+- :mod:`medssl.data.deid` - keyed pseudonyms (``MEDSSL_DEID_KEY``), key strength and the scrypt key check,
+  PHI scrubbing of free text.
+- :mod:`medssl.data.ingest_state` - ingest's state file, errors file and private map, without clear paths.
 - :mod:`medssl.data.dicom_scan` - header-only DICOM reads, DICOMDIR references, folder walk.
 - :mod:`medssl.data.ingest` - PACS export -> manifest + errors file, incremental.
 - :mod:`medssl.data.splits` - grouped stratified splits and nested label-fraction subsamples.

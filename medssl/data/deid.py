@@ -5,9 +5,14 @@ to 16 hex digits = 64 bits, prefixed by kind: ``pat-``, ``stu-``, ``ser-``, ``im
 gives the same pseudonym for the same identifier on every run and machine, so manifests built at different
 times can be joined; without the key the identifiers cannot be recovered or confirmed by guessing.
 
-The key comes from an environment variable (``MEDSSL_DEID_KEY`` by default). When it is missing,
-:meth:`Pseudonymizer.from_env` raises a clear error instead of silently using a default; demos and tests may
-pass ``allow_insecure_default=True``, which logs a warning and uses a fixed, publicly known key.
+The key comes from an environment variable (``MEDSSL_DEID_KEY`` by default). When it is missing or weaker
+than :data:`MIN_KEY_BITS` (128 bits, counted by :func:`key_strength`), :meth:`Pseudonymizer.from_env` raises a
+one-line error instead of silently going on; demos and tests may pass ``allow_insecure_default=True``
+(``--allow-insecure-key``), which logs a warning and uses the key given, or a fixed, publicly known key when
+none is set. Records built with such a key are marked ``"deidentified": false`` (:func:`deidentification_status`).
+
+:meth:`Pseudonymizer.key_check` stores a check of the key that costs one scrypt evaluation
+(:data:`KEY_CHECK_SCRYPT`) per guess, so a state file cannot confirm a guessed key faster than the KDF allows.
 
 Nothing from :data:`PHI_TAGS` is ever written by medssl: the ingest keeps only the technical attributes of
 an image and pseudonyms of the identifiers.
@@ -20,7 +25,8 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from medssl.errors import MedsslError
 
@@ -28,8 +34,15 @@ logger = logging.getLogger("medssl.data.deid")
 
 DEFAULT_KEY_ENV = "MEDSSL_DEID_KEY"
 INSECURE_DEMO_KEY = b"medssl-insecure-demo-key-do-not-use-for-real-data"
-MIN_KEY_LENGTH = 16
+MIN_KEY_LENGTH = 16  # characters, in the hint of the "key missing" message (32 hex digits = 128 bits)
+MIN_KEY_BITS = 128  # NIST SP 800-131A / 800-107: HMAC keys of at least 112 bits; we round up to the AES-128 level
+MIN_DISTINCT_CHARACTERS = 6  # fewer distinct characters than this = obviously low-entropy (e.g. "0000...1")
 PSEUDONYM_HEX_DIGITS = 16
+#: scrypt parameters of the stored key check (RFC 7914): N = 2**16, r = 8, p = 1 -> 64 MiB and about 0.2 s per
+#: evaluation on one CPU core (measured 0.18 s on the project's CI machine), i.e. per offline guess.
+KEY_CHECK_SCRYPT: dict[str, int] = {"n": 2**16, "r": 8, "p": 1}
+_SCRYPT_MAXMEM = 256 << 20
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 KIND_PREFIXES: dict[str, str] = {
     "patient": "pat-",
@@ -105,16 +118,45 @@ class Pseudonymizer:
     """Keyed pseudonyms: ``prefix + hex(HMAC-SHA256(key, kind + NUL + value))[:16]``.
 
     Args:
-        key: the secret key (at least 16 bytes recommended).
+        key: the secret key (at least 128 bits as counted by :func:`key_strength`).
 
-    ``insecure`` is True when the key is the public demo key.
+    ``insecure`` is True when the key is the public demo key or weaker than :data:`MIN_KEY_BITS`; the records
+    then carry ``"deidentified": false`` (see :attr:`deidentified`).
     """
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or not key:
             raise MedsslError("the de-identification key must be non-empty bytes")
         self._key = key
-        self.insecure = hmac.compare_digest(key, INSECURE_DEMO_KEY)
+        self.demo = hmac.compare_digest(key, INSECURE_DEMO_KEY)
+        self.weakness = key_weakness(key.decode("utf-8", errors="replace"))
+        self.insecure = self.demo or self.weakness is not None
+
+    @property
+    def deidentified(self) -> bool:
+        """True when pseudonyms made with this key count as de-identified (a secret key of >= 128 bits)."""
+        return not self.insecure
+
+    def key_check(self, salt: bytes | None = None) -> dict[str, Any]:
+        """A stored check of the key: ``scrypt(key, salt, **KEY_CHECK_SCRYPT)`` with a random 16-byte salt.
+
+        Confirming a guessed key against it costs one scrypt evaluation (64 MiB, ~0.2 s), not one HMAC.
+        """
+        salt = os.urandom(16) if salt is None else salt
+        digest = hashlib.scrypt(self._key, salt=salt, maxmem=_SCRYPT_MAXMEM, dklen=32, **KEY_CHECK_SCRYPT)
+        return {"kdf": "scrypt", **KEY_CHECK_SCRYPT, "salt": salt.hex(), "hash": digest.hex()}
+
+    def matches_key_check(self, check: Any) -> bool:
+        """True when ``check`` (from :meth:`key_check`, possibly another process) was made with this key."""
+        if not isinstance(check, Mapping) or check.get("kdf") != "scrypt":
+            return False
+        try:
+            salt = bytes.fromhex(str(check["salt"]))
+            params = {name: int(check[name]) for name in KEY_CHECK_SCRYPT}
+            digest = hashlib.scrypt(self._key, salt=salt, maxmem=_SCRYPT_MAXMEM, dklen=32, **params)
+        except (KeyError, TypeError, ValueError, MemoryError):
+            return False
+        return hmac.compare_digest(digest.hex(), str(check.get("hash", "")))
 
     def __repr__(self) -> str:  # never show the key
         return f"Pseudonymizer(insecure={self.insecure})"
@@ -140,24 +182,83 @@ class Pseudonymizer:
 
     @classmethod
     def from_env(cls, env_var: str = DEFAULT_KEY_ENV, *, allow_insecure_default: bool = False) -> Pseudonymizer:
-        """Build from the secret in environment variable ``env_var`` (UTF-8 text).
+        """Build from the secret in environment variable ``env_var`` (UTF-8 text, used as the HMAC key bytes).
 
-        Raises :class:`MedsslError` when the variable is unset or empty, unless ``allow_insecure_default``
-        (demos, tests), in which case a warning is logged and the public demo key is used. A key shorter than
-        16 characters is accepted with a warning.
+        Raises :class:`MedsslError` (one line) when the variable is unset or empty, or when the key is weaker
+        than :data:`MIN_KEY_BITS` (:func:`key_weakness`), unless ``allow_insecure_default``
+        (``--allow-insecure-key``; demos, tests): then a warning is logged and the weak key, or the public demo
+        key when none is set, is used, and records are marked not de-identified.
         """
         secret = os.environ.get(env_var, "")
         if not secret:
             if not allow_insecure_default:
                 raise MedsslError(
                     f"de-identification key missing: set the environment variable {env_var} to a secret of at "
-                    f"least {MIN_KEY_LENGTH} characters, e.g. export {env_var}=$(python -c "
+                    f"least {MIN_KEY_BITS} bits, e.g. export {env_var}=$(python -c "
                     "'import secrets; print(secrets.token_hex(32))'), and keep it to rebuild the same pseudonyms"
                 )
             logger.warning(
                 "%s is not set: using the PUBLIC demo key; pseudonyms are not secret (demo/test use only)", env_var
             )
             return cls(INSECURE_DEMO_KEY)
-        if len(secret) < MIN_KEY_LENGTH:
-            logger.warning("%s is shorter than %d characters: pseudonyms are easier to attack", env_var, MIN_KEY_LENGTH)
+        weakness = key_weakness(secret)
+        if weakness is not None:
+            if not allow_insecure_default:
+                raise MedsslError(f"{env_var} is refused: {weakness}; use e.g. $(python -c 'import secrets; "
+                                  "print(secrets.token_hex(32))') or pass --allow-insecure-key (not de-identified)")
+            logger.warning("%s is insecure (%s): records are marked not de-identified", env_var, weakness)
         return cls(secret.encode("utf-8"))
+
+
+def key_strength(secret: str) -> int:
+    """Nominal strength of a key in bits: 4 per character for a hex string (only ``0-9a-fA-F``, the form of
+    ``secrets.token_hex``), otherwise 8 per UTF-8 byte. Low-entropy patterns are judged by :func:`key_weakness`."""
+    if _HEX.fullmatch(secret):
+        return 4 * len(secret)
+    return 8 * len(secret.encode("utf-8"))
+
+
+def key_weakness(secret: str) -> str | None:
+    """Why ``secret`` is not an acceptable key, or ``None``.
+
+    Refused: fewer than :data:`MIN_KEY_BITS` bits by :func:`key_strength`; fewer than
+    :data:`MIN_DISTINCT_CHARACTERS` distinct characters; a repetition of a pattern of at most half its length
+    (``"abcabcabc..."``); a run of consecutive or equal characters (``"0123456789abcdef"``).
+    """
+    bits = key_strength(secret)
+    if bits < MIN_KEY_BITS:
+        return f"it has {bits} bits (hex keys count 4 bits a character, others 8 bits a byte), fewer than {MIN_KEY_BITS}"
+    distinct = len(set(secret))
+    if distinct < MIN_DISTINCT_CHARACTERS:
+        return f"it uses only {distinct} distinct characters (low entropy)"
+    for period in range(1, len(secret) // 2 + 1):
+        if len(secret) % period == 0 and secret == secret[:period] * (len(secret) // period):
+            return f"it repeats a {period}-character pattern (low entropy)"
+    steps = {ord(b) - ord(a) for a, b in zip(secret, secret[1:])}
+    if len(steps) == 1 and steps <= {-1, 0, 1}:
+        return "it is a run of consecutive characters (low entropy)"
+    return None
+
+
+def deidentification_status(records: Iterable[Mapping[str, Any]]) -> str:
+    """``"de-identified"`` when every record says ``"deidentified": true``, ``"not de-identified"`` when any
+    says false, ``"unknown"`` otherwise (e.g. manifests written before the field existed); for reports."""
+    values = {record.get("deidentified") for record in records}
+    if False in values:
+        return "not de-identified"
+    return "de-identified" if values == {True} else "unknown"
+
+
+def records_deidentified(records: Iterable[Mapping[str, Any]]) -> bool:
+    """True when every record is marked de-identified (:func:`deidentification_status`)."""
+    return deidentification_status(records) == "de-identified"
+
+
+def folder_pseudonymizer(env_var: str = DEFAULT_KEY_ENV) -> Pseudonymizer | None:
+    """The pseudonymizer for record ids of folder/file inputs: from ``env_var`` when it is set, ``None`` when
+    unset (ids then unkeyed). Records are marked ``"deidentified": false`` in both insecure cases: no key, or a
+    key weaker than :data:`MIN_KEY_BITS` (used with a warning, since these inputs have no
+    ``--allow-insecure-key`` to ask for)."""
+    if not os.environ.get(env_var):
+        return None
+    return Pseudonymizer.from_env(env_var, allow_insecure_default=True)

@@ -1,11 +1,13 @@
-"""Header-only DICOM reads and folder scanning (with or without DICOMDIR) for the ingest.
+"""Header-only DICOM reads and folder walking for the ingest.
 
 :func:`scan_file` reads a file's header up to, not into, its pixel data (pydicom ``read_partial`` with a stop
 condition at the first pixel-data element and ``specific_tags``, so no PHI attribute is even decoded) and
-returns a de-identified summary: identifiers come back only as keyed pseudonyms.
+returns a de-identified summary: identifiers come back only as keyed pseudonyms, coded values only when valid
+(:mod:`medssl.data.dicom_values`), and an image only when its geometry matches its pixel data
+(:mod:`medssl.data.dicom_geometry`).
 
-:func:`find_files` lists every file under a folder (any name, any depth) plus the files that DICOMDIR
-directories reference, so a DICOMDIR-only export is followed even when its file IDs differ in case.
+:func:`walk_files` lists every file under a folder (any name, any depth) without following links out of it;
+DICOMDIR references are resolved by :mod:`medssl.data.dicomdir`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -25,6 +26,8 @@ from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
 from medssl.data.deid import Pseudonymizer, scrub_text
+from medssl.data.dicom_geometry import geometry_problem
+from medssl.data.dicom_values import valid_uid, validate_header_values
 
 logger = logging.getLogger("medssl.data.dicom_scan")
 
@@ -169,11 +172,6 @@ def _decoded(value: Any) -> str:
     return str(value).strip().strip("\x00").strip()
 
 
-def _image_type(ds: _RawValues) -> list[str]:
-    text = _text(ds, "ImageType")
-    return [] if text is None else [v.strip().upper() for v in text.split("\\")]
-
-
 def non_image_reason(sop_class: str | None, modality: str | None) -> str | None:
     """Why an object with this SOP Class UID / Modality is not an image to ingest, or ``None``."""
     if sop_class:
@@ -231,7 +229,9 @@ def scan_file(path: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
     Returns ``{"status": "image" | "skip" | "error", "reason": str | None, "header": dict | None}``. ``header``
     holds pseudonyms (``instance``, ``patient_id``, ``study_id``, ``series_id``) and technical attributes
     (modality, photometric, rows, columns, bits_stored, samples_per_pixel, number_of_frames, body_part,
-    view_position, transfer_syntax, image_type, burned_in, derived, localizer). Never raises for bad files.
+    view_position, transfer_syntax, burned_in, derived, localizer); values are validated
+    (:mod:`medssl.data.dicom_values`) and the geometry checked (:mod:`medssl.data.dicom_geometry`). An image's
+    ``"warnings"`` lists the header values set to null, with reasons. Never raises for bad files.
     """
     with quiet_pydicom():
         return _scan_file(path, pseudonymizer)
@@ -267,8 +267,12 @@ def _summarise(path: str, dataset: pydicom.Dataset, pixel: dict[str, Any], pz: P
     transfer_syntax = _decoded(meta_values.get(0x00020010))
     meta_class = _decoded(meta_values.get(0x00020002))
     sop_class = _text(ds, "SOPClassUID") or meta_class or None
-    modality = _text(ds, "Modality")
-    image_type = _image_type(ds)
+    values, warnings_ = validate_header_values(
+        {k: _text(ds, k) for k in ("Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation",
+                                   "ImageType")},
+        extra_modalities=NON_IMAGE_MODALITIES,
+    )
+    modality, image_type = values["modality"], values["image_type"]
     series_description = (_text(ds, "SeriesDescription") or "").lower()
     burned = _text(ds, "BurnedInAnnotation")
     header = {
@@ -276,18 +280,17 @@ def _summarise(path: str, dataset: pydicom.Dataset, pixel: dict[str, Any], pz: P
         "patient_id": pz.pseudonym("patient", _identifier(ds, "PatientID")),
         "study_id": pz.pseudonym("study", _identifier(ds, "StudyInstanceUID")),
         "series_id": pz.pseudonym("series", _identifier(ds, "SeriesInstanceUID")),
-        "modality": modality.upper() if modality else None,
-        "photometric": (_text(ds, "PhotometricInterpretation") or "").upper() or None,
+        "modality": modality,
+        "photometric": values["photometric"],
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
         "bits_stored": _int(ds, "BitsStored"),
         "bits_allocated": _int(ds, "BitsAllocated"),
         "samples_per_pixel": _int(ds, "SamplesPerPixel"),
         "number_of_frames": _int(ds, "NumberOfFrames") or 1,
-        "body_part": (_text(ds, "BodyPartExamined") or "").upper() or None,
-        "view_position": (_text(ds, "ViewPosition") or "").upper() or None,
-        "transfer_syntax": transfer_syntax or None,
-        "image_type": image_type,
+        "body_part": values["body_part"],
+        "view_position": values["view_position"],
+        "transfer_syntax": transfer_syntax if valid_uid(transfer_syntax) else None,
         "burned_in": None if burned is None else burned.upper() == "YES",
         "derived": bool(image_type) and image_type[0] == "DERIVED",
         "localizer": "LOCALIZER" in image_type
@@ -311,67 +314,32 @@ def _summarise(path: str, dataset: pydicom.Dataset, pixel: dict[str, Any], pz: P
         return {"status": "error", "reason": "truncated file (pixel data shorter than declared)", "header": header}
     if length == 0:
         return {"status": "error", "reason": "empty pixel data", "header": header}
-    return {"status": "image", "reason": None, "header": header}
+    if transfer_syntax and header["transfer_syntax"] is None:
+        return {"status": "error", "reason": "invalid transfer syntax: the UID is not a valid UID", "header": header}
+    problem = geometry_problem(path, header, pixel, os.path.getsize(path))
+    if problem:
+        return {"status": "error", "reason": problem, "header": header}
+    return {"status": "image", "reason": None, "header": header, "warnings": warnings_}
 
 
-def _resolve_case_insensitive(base: Path, parts: Iterable[str]) -> Path | None:
-    """Resolve a DICOMDIR file ID (components, upper case by the standard) under ``base``, any case."""
-    current = base
-    for part in parts:
-        candidate = current / part
-        if candidate.exists():
-            current = candidate
-            continue
-        try:
-            matches = [p for p in current.iterdir() if p.name.upper() == part.upper()]
-        except OSError:
-            return None
-        if not matches:
-            return None
-        current = matches[0]
-    return current if current.is_file() else None
+def is_inside(path: str, root_real: str) -> bool:
+    """True when the real path of ``path`` (all symbolic links resolved) is ``root_real`` or below it."""
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def dicomdir_references(dicomdir: str) -> tuple[list[str], list[str], str | None]:
-    """Files referenced by a DICOMDIR: ``(existing paths, missing file IDs, error reason or None)``."""
-    try:
-        with quiet_pydicom():
-            ds = pydicom.dcmread(dicomdir, force=True, specific_tags=[Tag("DirectoryRecordSequence")])
-    except Exception as exc:  # noqa: BLE001 - a bad DICOMDIR is reported, the folder walk still runs
-        return [], [], f"unreadable DICOMDIR: {type(exc).__name__}: {scrub_text(str(exc))}"
-    base = Path(dicomdir).parent
-    found: list[str] = []
-    missing: list[str] = []
-    for record in ds.get("DirectoryRecordSequence", []):
-        file_id = record.get("ReferencedFileID")
-        if file_id is None:
-            continue
-        parts = [str(p).strip() for p in (file_id if isinstance(file_id, (list, tuple, pydicom.multival.MultiValue))
-                                          else str(file_id).split("\\")) if str(p).strip()]
-        if not parts:
-            continue
-        resolved = _resolve_case_insensitive(base, parts)
-        if resolved is None:
-            missing.append("/".join(parts))
-        else:
-            found.append(str(resolved))
-    return found, missing, None
-
-
-def is_dicomdir_name(path: str) -> bool:
-    """True for files named like a DICOMDIR (``DICOMDIR``, any case, optionally with a suffix)."""
-    return os.path.basename(path).upper().startswith("DICOMDIR")
-
-
-def walk_files(root: str, exclude: Iterable[str] = ()) -> dict[str, tuple[int, int]]:
+def walk_files(root: str, exclude: Iterable[str] = (), outside_links: list[str] | None = None
+               ) -> dict[str, tuple[int, int]]:
     """Every regular file under ``root`` (any name, any depth): ``{absolute path: (size, mtime_ns)}``, sorted.
 
     Hidden folders (``.name``), our own temporary files (``.name.tmp``) and paths in ``exclude`` (e.g. the
-    manifest being written) are skipped. Symbolic links to files are followed (a link to a file already
-    listed, or to another link's target, is dropped); linked folders are not entered. Uses ``os.scandir`` so
-    that each file costs one ``stat`` call.
+    manifest being written) are skipped. Symbolic links to files inside ``root`` are followed (a link to a
+    file already listed, or to another link's target, is dropped); links whose target lies outside ``root``
+    are not followed (nothing outside the export is opened) and are appended to ``outside_links``; linked
+    folders are not entered. Uses ``os.scandir`` so that each file costs one ``stat`` call.
     """
     root = os.path.abspath(root)
+    root_real = os.path.realpath(root)
     excluded = {os.path.realpath(p) for p in exclude} | {os.path.abspath(p) for p in exclude}
     files: dict[str, tuple[int, int]] = {}
     links: list[str] = []
@@ -400,6 +368,10 @@ def walk_files(root: str, exclude: Iterable[str] = ()) -> dict[str, tuple[int, i
     targets: set[str] = set()
     for link in sorted(links):
         real = os.path.realpath(link)
+        if not is_inside(real, root_real):
+            if outside_links is not None and os.path.isfile(real):
+                outside_links.append(link)
+            continue
         if real in files or real in targets or real in excluded or not os.path.isfile(real):
             continue
         targets.add(real)

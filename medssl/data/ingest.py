@@ -4,6 +4,8 @@ Every file under the folder is read header-only (in a process pool), classified 
 (non-image, no pixel data, DICOMDIR, duplicate, excluded by a filter) or an unreadable file, and either becomes
 manifest records (one per image, or one per frame of a multi-frame object) or an entry of the errors file with
 its reason. Identifiers are keyed pseudonyms (:mod:`medssl.data.deid`); no PHI value is written anywhere.
+Source paths (export folders are named after patients) go only to the private map
+``<manifest>.private.jsonl`` (:mod:`medssl.data.private_map`, :mod:`medssl.data.ingest_state`).
 
 Incremental: a state file beside the manifest (``<manifest>.state.json``) remembers, for each file, its size,
 ``mtime_ns`` and de-identified header summary, so a rerun opens only new or changed files
@@ -25,14 +27,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medssl.data.deid import Pseudonymizer
-from medssl.data.dicom_scan import dicomdir_references, is_dicomdir_name, scan_files, walk_files
-from medssl.data.manifest import write_manifest
+from medssl.data.dicom_scan import scan_files, walk_files
+from medssl.data.dicomdir import dicomdir_references, is_dicomdir_name
+from medssl.data.ingest_state import file_key, load_state, previous_private_map, relative_key, write_outputs
+from medssl.data.private_map import private_map_path
+from medssl.data.verify import decode_failures
 from medssl.errors import MedsslError
-from medssl.io import atomic_open, atomic_write_json
 
 logger = logging.getLogger("medssl.data.ingest")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: header values validated, geometry checked, DICOMDIR references confined to the export
 POOL_MIN_FILES = 64  # below this many files to open, a process pool costs more than it saves
 
 
@@ -50,6 +54,8 @@ class IngestOptions:
         exclude_burned_in: drop images with BurnedInAnnotation (0028,0301) = YES.
         frames: for multi-frame objects, ``"all"`` (one record per frame), ``"first"`` or a frame index.
         progress: show a tqdm progress bar (stderr).
+        verify_decode: decode every record through the training loader (:mod:`medssl.data.verify`, in
+            ``workers`` processes) and move the records that fail to the errors file.
     """
 
     workers: int | None = None
@@ -61,6 +67,7 @@ class IngestOptions:
     exclude_burned_in: bool = False
     frames: str | int = "all"
     progress: bool = True
+    verify_decode: bool = False
 
 
 def parse_frames(value: str | int) -> str | int:
@@ -84,23 +91,6 @@ def state_path_for(manifest_path: str) -> str:
     return manifest_path + ".state.json"
 
 
-def _load_state(path: str, key_check: str | None) -> dict[str, Any]:
-    """Previous scan results ``{"files": {...}, "dicomdirs": {...}}``; empty when absent, stale or unreadable."""
-    empty: dict[str, Any] = {"files": {}, "dicomdirs": {}}
-    if not os.path.isfile(path):
-        return empty
-    try:
-        with open(path, encoding="utf-8") as fh:
-            state = json.load(fh)
-    except (OSError, ValueError):
-        logger.warning("ignoring unreadable ingest state file %s", path)
-        return empty
-    if state.get("version") != STATE_VERSION or state.get("key_check") != key_check:
-        logger.info("ingest state %s was built with another version or key: rescanning every file", path)
-        return empty
-    return {"files": dict(state.get("files", {})), "dicomdirs": dict(state.get("dicomdirs", {}))}
-
-
 def _stat(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -109,12 +99,7 @@ def _stat(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _state_key(path: str, root: str) -> str:
-    """``path`` relative to ``root`` with ``/`` separators when inside it, else the absolute path."""
-    if path.startswith(root + os.sep):
-        return path[len(root) + 1 :].replace(os.sep, "/")
-    rel = os.path.relpath(path, root)
-    return path if rel.startswith("..") else rel.replace(os.sep, "/")
+_state_key = relative_key  # path relative to the export root (input of the keyed file pseudonyms)
 
 
 def _reason_category(reason: str) -> str:
@@ -219,14 +204,18 @@ def ingest_dicom(
 ) -> dict[str, Any]:
     """Ingest every DICOM file under ``root`` into a manifest; returns the summary (also logged).
 
-    Writes ``manifest_path`` (JSONL, :mod:`medssl.data.manifest`), the errors file (JSONL, one
-    ``{"path", "status", "reason"}`` per skipped or unreadable file; default ``<manifest>.errors.jsonl``) and
-    the state file ``<manifest>.state.json``, all atomically.
+    Writes ``manifest_path`` (JSONL, :mod:`medssl.data.manifest`; no source paths) with its private map
+    ``<manifest>.private.jsonl`` (mode 0600: record id -> image path, file pseudonym -> path), the errors file
+    (JSONL, one ``{"file", "status", "reason"}`` per skipped or unreadable file, ``file`` the keyed pseudonym of
+    its path; default ``<manifest>.errors.jsonl``) and the state file ``<manifest>.state.json`` (files keyed
+    by pseudonym, scrypt key check), all atomically (:mod:`medssl.data.ingest_state`).
 
     Summary keys: ``files_seen``, ``files_opened`` (files actually opened in this run), ``files_reused``
     (taken from the state file), ``images`` (instances kept), ``records``, ``by_modality`` (records per
     modality), ``patients``, ``studies``, ``series`` (distinct pseudonyms among records), ``errors`` (entries
-    in the errors file), ``errors_by_reason``, plus the output paths.
+    in the errors file), ``errors_by_reason``, ``values_nulled`` (header values that failed validation and were
+    set to null: errors-file entries with status ``warning``), ``decode_failures`` (records removed by
+    ``verify_decode``; ``None`` when not verified), plus the output paths.
     """
     options = options or IngestOptions()
     root = os.path.abspath(os.fspath(root))
@@ -236,23 +225,29 @@ def ingest_dicom(
     errors_path = os.path.abspath(os.fspath(errors_path)) if errors_path else default_errors_path(manifest_path)
     state_path = state_path_for(manifest_path)
     frames = parse_frames(options.frames)
-    key_check = pseudonymizer.pseudonym("record", "medssl-ingest-key-check")
-    state = _load_state(state_path, key_check)
+    state, key_check = load_state(state_path, pseudonymizer, STATE_VERSION, previous_private_map(manifest_path))
 
-    stats: dict[str, tuple[int, int] | None] = dict(walk_files(root, exclude=(manifest_path, errors_path, state_path)))
+    outside: list[str] = []
+    stats: dict[str, tuple[int, int] | None] = dict(
+        walk_files(root, exclude=(manifest_path, errors_path, state_path, str(private_map_path(manifest_path))),
+                   outside_links=outside))
     paths = list(stats)
     opened = 0
-    errors: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = [
+        {"path": link, "status": "error", "reason": "symbolic link to a file outside the export folder; not opened"}
+        for link in outside
+    ]
     new_dicomdirs: dict[str, Any] = {}
     known = set(paths)
     for path in [p for p in paths if is_dicomdir_name(p)]:
-        key, stat = _state_key(path, root), stats[path]
+        key, stat = file_key(pseudonymizer, path, root), stats[path]
         cached = state["dicomdirs"].get(key)
         if cached is None or stat is None or [cached["size"], cached["mtime_ns"]] != list(stat):
-            found, missing, error = dicomdir_references(path)
+            found, missing, refused, error = dicomdir_references(path, root)
             opened += 1
             cached = {"size": stat[0] if stat else -1, "mtime_ns": stat[1] if stat else -1,
-                      "found": [_state_key(f, root) for f in found], "missing": missing, "error": error}
+                      "found": [_state_key(f, root) for f in found], "missing": missing,
+                      "refused": [list(r) for r in refused], "error": error}
         new_dicomdirs[key] = cached
         if cached["error"]:
             errors.append({"path": path, "status": "error", "reason": cached["error"]})
@@ -265,13 +260,15 @@ def ingest_dicom(
                 stats[ref_path] = _stat(ref_path)
         errors.extend({"path": os.path.join(os.path.dirname(path), m), "status": "error",
                        "reason": "referenced by DICOMDIR but missing"} for m in cached["missing"])
+        errors.extend({"path": os.path.dirname(path) + os.sep + file_id, "status": "error", "reason": reason}
+                      for file_id, reason in cached["refused"])
     paths.sort()
 
     results: dict[str, dict[str, Any]] = {}
     to_scan: list[str] = []
     for path in paths:
         stat = stats[path]
-        cached = state["files"].get(_state_key(path, root))
+        cached = state["files"].get(file_key(pseudonymizer, path, root))
         if cached is not None and stat is not None and [cached["size"], cached["mtime_ns"]] == list(stat):
             results[path] = cached["result"]
         else:
@@ -292,7 +289,8 @@ def ingest_dicom(
         instance = header.get("instance") or pseudonymizer.pseudonym("instance", "path:" + _state_key(path, root))
         if instance in first_path:
             errors.append({"path": path, "status": "skip",
-                           "reason": f"duplicate SOPInstanceUID (same instance as {first_path[instance]})"})
+                           "reason": "duplicate SOPInstanceUID (same instance as "
+                           f"{file_key(pseudonymizer, first_path[instance], root)})"})
             continue
         first_path[instance] = path
         reason = _filter_reason(header, options)
@@ -302,18 +300,23 @@ def ingest_dicom(
             continue
         records.extend(_records_for(path, header, instance, chosen))
         kept_images += 1
+        errors.extend({"path": path, "status": "warning", "reason": w} for w in result.get("warnings") or [])
 
-    write_manifest(manifest_path, records)
-    with atomic_open(errors_path, "w") as fh:
-        for entry in errors:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    files_state = {
-        _state_key(p, root): {"size": stats[p][0], "mtime_ns": stats[p][1], "result": results[p]}
-        for p in paths
-        if stats.get(p) is not None
-    }
-    atomic_write_json(state_path, {"version": STATE_VERSION, "key_check": key_check, "files": files_state,
-                                   "dicomdirs": new_dicomdirs}, indent=None)
+    decode_failed = None
+    if options.verify_decode:
+        failures = decode_failures(records, workers=options.workers, progress=options.progress,
+                                   desc="verify decode")
+        errors.extend({"path": records[i]["image"], "status": "error", "reason": reason, "id": records[i]["id"],
+                       "frame": records[i]["frame"]} for i, reason in failures)
+        bad = {i for i, _ in failures}
+        records = [r for i, r in enumerate(records) if i not in bad]
+        kept_images, decode_failed = len({r["image"] for r in records}), len(failures)
+
+    for record in records:
+        record["deidentified"] = pseudonymizer.deidentified
+    write_outputs(manifest_path=manifest_path, errors_path=errors_path, state_path=state_path, root=root,
+                  pseudonymizer=pseudonymizer, version=STATE_VERSION, key_check=key_check, records=records,
+                  errors=errors, paths=paths, stats=stats, results=results, dicomdirs=new_dicomdirs)
 
     summary = {
         "files_seen": len(paths),
@@ -327,7 +330,11 @@ def ingest_dicom(
         "series": len({r["series_id"] for r in records if r["series_id"]}),
         "errors": len(errors),
         "errors_by_reason": dict(Counter(_reason_category(e["reason"]) for e in errors).most_common()),
+        "values_nulled": sum(1 for e in errors if e["status"] == "warning"),
+        "decode_failures": decode_failed,
+        "deidentified": pseudonymizer.deidentified,
         "manifest": manifest_path,
+        "private_map": str(private_map_path(manifest_path)),
         "errors_file": errors_path,
     }
     logger.info("ingest summary: %s", json.dumps(summary))
@@ -343,8 +350,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"studies {summary['studies']}, series {summary['series']}",
         "by modality: " + (", ".join(f"{k} {v}" for k, v in summary["by_modality"].items()) or "none"),
         f"skipped or unreadable: {summary['errors']}"
+        + (f" (including {summary['values_nulled']} invalid header values set to null)"
+           if summary.get("values_nulled") else "")
         + "".join(f"\n  {v:6d}  {k}" for k, v in summary["errors_by_reason"].items()),
-        f"manifest: {summary['manifest']}",
+        *([] if summary.get("decode_failures") is None else
+          [f"decode verified: {summary['decode_failures']} record(s) failed and moved to the errors file"]),
+        f"manifest: {summary['manifest']}"
+        + ("" if summary.get("deidentified", True) else " (NOT de-identified: weak or public key)"),
+        *([f"private map (source paths; keep private): {summary['private_map']}"] if summary.get("private_map") else []),
         f"errors file: {summary['errors_file']}",
     ]
     return "\n".join(lines)

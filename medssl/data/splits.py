@@ -9,6 +9,9 @@ count within one image of its ideal ``n_class * ratio``.
 :func:`nested_subsamples` draws, per class, one seeded random order and takes its first
 ``max(1, round(fraction * n_class))`` images, so for one seed the 1 % subset lies inside the 10 % subset,
 which lies inside the 25 % one.
+
+Both refuse a grouping or class field that no record has (:func:`require_field`): a typo such as
+``--group patinet_id`` would otherwise put each image in its own group and leak patients across splits.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medssl.data.manifest import SPLITS
+from medssl.data.manifest import MANIFEST_FIELDS, SPLITS
 from medssl.errors import MedsslError
 
 _NONE_CLASS = "\x00none"
@@ -31,6 +34,19 @@ def _class_of(record: Mapping[str, Any], stratify_key: str | None) -> str:
         return ""
     value = record.get(stratify_key)
     return _NONE_CLASS if value is None else str(value)
+
+
+def require_field(records: Sequence[Mapping[str, Any]], key: str | None, option: str) -> None:
+    """Raise :class:`MedsslError` (one line, naming ``key`` and the fields available) when ``key`` is neither a
+    manifest field (:data:`~medssl.data.manifest.MANIFEST_FIELDS`, null when absent) nor a key of any record.
+
+    Args:
+        option: how the user gave ``key`` (e.g. ``"--group"``), for the message.
+    """
+    if key is None or key in MANIFEST_FIELDS or any(key in record for record in records):
+        return
+    present = {k for record in records for k, v in record.items() if v is not None}
+    raise MedsslError(f"{option} field {key!r} is in no record; fields available: {', '.join(sorted(present))}")
 
 
 def _check_ratios(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
@@ -67,10 +83,14 @@ def split_records(
         stratify_key: the class key (``None``: no stratification); null values form one class.
         seed: seed of the tie-breaking order; the same input and seed always give the same output.
 
+    Raises :class:`MedsslError` when ``group_key`` or ``stratify_key`` is in no record (:func:`require_field`).
+
     Guarantees: no group in two splits; with single-image groups each split's count of each class is within
     one image of ``n_class * ratio`` (strictly less than one away).
     """
     fractions = _check_ratios(ratios, names)
+    require_field(records, group_key, "--group")
+    require_field(records, stratify_key, "--stratify")
     groups: dict[Any, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         value = record.get(group_key) if group_key else None
@@ -130,6 +150,7 @@ def nested_subsamples(
     for fraction in fractions:
         if not (0 < float(fraction) <= 1):
             raise MedsslError(f"subsample fractions must be in (0, 1], got {fraction}")
+    require_field(records, stratify_key, "--stratify")
     by_class: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         by_class[_class_of(record, stratify_key)].append(index)

@@ -86,17 +86,23 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep_last: in
 
 def build_checkpoint_state(*, iteration: int, epoch: int, method: torch.nn.Module, optimizer: Any,
                            scaler: Any, schedule: Any, config: dict[str, Any],
-                           per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                           per_rank: list[dict[str, Any]] | None = None, run: str | None = None,
+                           skipped_records: list[str] | None = None) -> dict[str, Any]:
     """Gather everything a resume needs into one weights-only-loadable dict.
 
     Args:
         per_rank: with several processes, every rank's ``{"method_extra", "rng"}`` (index = rank), so each
             rank gets its own SwAV queue and generators back (see :func:`rank_state`).
+        run: the run record as JSON text (hashes taken at run start, backbone layout, resume overrides; see
+            :mod:`medssl.engines.resume`). Version 2 checkpoints carry it; a resume refuses checkpoints without.
+        skipped_records: ids of the unreadable records skipped so far (``--skip-bad-records``), all ranks.
     """
     return {
         "per_rank": per_rank,
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": 2,
+        "run": run,
+        "skipped_records": list(skipped_records or []),
         "iteration": int(iteration),
         "epoch": int(epoch),
         "method": method.state_dict(),
@@ -113,8 +119,14 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Load a training checkpoint (weights only) and check its format.
 
     Raises:
-        MedsslError: missing, truncated or foreign file.
+        MedsslError: missing, truncated or foreign file, or a memory bomb (sizes the file does not back, see
+            :mod:`medssl.weights.pickle_guard`; refused before anything is allocated).
     """
+    from medssl.weights.pickle_guard import check_torch_file
+
+    if not Path(path).is_file():
+        raise MedsslError("checkpoint not found", path)
+    check_torch_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:

@@ -1,4 +1,5 @@
-"""``PretrainConfig``: every knob of a pretraining run, with paper defaults (DESIGN.md §5).
+"""``PretrainConfig``: every knob of a pretraining run, with paper defaults (the SimCLR, SwAV, BYOL
+and SimSiam papers; see ``METHOD_DEFAULTS``).
 
 A config is first filled by the user (CLI, bundle or Python), then :meth:`PretrainConfig.resolve` replaces
 the ``None`` "method default" values by the method's published settings and records the result in
@@ -36,8 +37,10 @@ class PretrainConfig:
     Data: ``data`` (manifest .jsonl or image folder), ``modality`` (transform preset), ``image_size`` (px),
     ``knn_data`` (labelled folder/manifest for the kNN monitor; None = labelled records of ``data``).
     Model: ``method``, ``init`` (``"random"`` or a checkpoint path), ``arch`` (None = the checkpoint's,
-    ``resnet50`` for random init), ``norm`` (``keep``|``bn``), ``scale_frobenius``, ``dead_filters``
-    (``copy``|``random``|``none``), ``use_checkpoint_heads``, ``trust`` (allow pickles), ``small_stem``,
+    ``resnet50`` for random init), ``norm`` (``keep``|``bn``), ``scale_frobenius``, ``frobenius_rule``
+    (``paper``: Ciga et al.'s division by sqrt(s), default; ``unit_norm``: division by s, see
+    :func:`medssl.weights.surgery.scale_frobenius`), ``fold_ws`` (fold weight standardisation; required to
+    scale a weight-standardised BiT), ``dead_filters`` (``copy``|``random``|``none``), ``use_checkpoint_heads``, ``trust`` (allow pickles), ``small_stem``,
     ``widen_factor``, ``method_options`` (passed to ``build_method``, e.g. temperature, head sizes).
     Schedule: ``epochs`` or ``iterations`` (optimizer steps; ``iterations`` wins), ``batch_size`` (images per
     optimizer step and process), ``accumulate`` (micro-batches per step: each forward sees
@@ -54,6 +57,12 @@ class PretrainConfig:
     Checkpoints: ``checkpoint_every`` (iterations, 0 = off), ``checkpoint_every_epochs`` (0 = off),
     ``keep_checkpoints`` (last K kept), ``stop_after`` (end this invocation after that many total steps
     with a checkpoint, keeping the schedule of the full run; continue with ``--resume``).
+    Bad data: ``skip_bad_records`` (records; 0 = the first record that fails to load stops the run with its id
+    and path): replace up to that many distinct unreadable records by the next loadable one (deterministic, so
+    resumes stay exact), logging each to ``RUN_DIR/errors.jsonl``; one more stops the run.
+    Record: ``method_schedule`` is written by the engine, not read: the method's epoch-based knobs converted to
+    this run's steps (SwAV: ``freeze_prototypes_steps``, ``queue_length``, ``queue_start_step``, ...; see
+    ``SSLMethod.configure_run``).
     """
 
     data: str = ""
@@ -63,6 +72,8 @@ class PretrainConfig:
     arch: str | None = None
     norm: str = "keep"
     scale_frobenius: bool = False
+    frobenius_rule: str = "paper"
+    fold_ws: bool = False
     dead_filters: str = "none"
     use_checkpoint_heads: bool = False
     trust: bool = False
@@ -101,6 +112,8 @@ class PretrainConfig:
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 3
     stop_after: int | None = None
+    skip_bad_records: int = 0
+    method_schedule: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`MedsslError` for values that cannot work."""
@@ -114,6 +127,8 @@ class PretrainConfig:
             raise MedsslError(f"--augment-on must be one of {', '.join(AUGMENT_ON)}, not {self.augment_on!r}")
         if self.dead_filters not in ("copy", "random", "none"):
             raise MedsslError(f"--dead-filters must be copy, random or none, not {self.dead_filters!r}")
+        if self.frobenius_rule not in ("paper", "unit_norm"):
+            raise MedsslError(f"--frobenius-rule must be paper or unit_norm, not {self.frobenius_rule!r}")
         if self.batch_size < 2:
             raise MedsslError("batch size must be at least 2 (BatchNorm and contrastive losses need pairs)")
         if self.accumulate < 1 or self.batch_size % self.accumulate:
@@ -122,6 +137,8 @@ class PretrainConfig:
             raise MedsslError("--iterations must be positive")
         if self.iterations is None and self.epochs < 1:
             raise MedsslError("--epochs must be positive")
+        if self.skip_bad_records < 0:
+            raise MedsslError("--skip-bad-records must be 0 or more")
         if self.image_size < 8:
             raise MedsslError("--image-size must be at least 8 pixels")
 

@@ -17,17 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from medssl.engines.knn import extract_features, weighted_knn_predict
+from medssl.engines.scores import balanced_accuracy
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_text
 
 logger = logging.getLogger("medssl.engines.handlers")
 
 #: keys of the per-iteration engine output written to metrics.jsonl / TensorBoard when present
-SCALAR_KEYS = ("loss", "lr", "tau", "collapse_std")
+#: (``queue_filled``: SwAV's queue; ``skipped_step``: 1 when the fp16 GradScaler skipped the optimizer step)
+SCALAR_KEYS = ("loss", "lr", "tau", "collapse_std", "queue_filled", "skipped_step")
 
 
 class NonFiniteLossError(MedsslError):
@@ -189,7 +190,7 @@ class KnnMonitor:
         self.temperature = temperature
 
     def __call__(self) -> float:
-        """Balanced accuracy (sklearn ``balanced_accuracy_score``) of the kNN predictions on the queries."""
+        """Balanced accuracy (:func:`medssl.engines.scores.balanced_accuracy`) of the kNN predictions on the queries."""
         was_training = self.featurizer.backbone.training
         ref_x, ref_y = extract_features(self.featurizer, self.reference_loader, self.device)
         qry_x, qry_y = extract_features(self.featurizer, self.query_loader, self.device)
@@ -197,7 +198,7 @@ class KnnMonitor:
             self.featurizer.backbone.train(was_training)
         pred, _ = weighted_knn_predict(ref_x, ref_y, qry_x, k=self.k, temperature=self.temperature,
                                        num_classes=self.num_classes)
-        return float(balanced_accuracy_score(qry_y.numpy(), pred.numpy()))
+        return balanced_accuracy(qry_y, pred, self.num_classes)
 
 
 def attach_knn_monitor(engine: Engine, monitor: KnnMonitor, *, every_epochs: int, max_iterations: int,

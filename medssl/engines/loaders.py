@@ -12,33 +12,47 @@ Two augmentation paths (``PretrainConfig.augment_on``):
   (:class:`~medssl.transforms.batched.BatchedSSLAugment`), seeded per optimizer step and rank so resumed runs
   stay exact. Worth it on a GPU when the workers cannot keep up; on CPU the per-sample path is usually faster.
   Non-square images lose their borders outside the centre square.
+
+Unreadable records (:class:`GuardedRecords`, :class:`BadRecordGate`): a worker never raises for a record that
+fails to load; it tries the next records ``(index + 1) mod N, (index + 2) mod N, ...`` (at most
+``skip_bad_records`` of them, each with its own ``(epoch, index)`` key, so the replacement is deterministic and
+resumed runs stay exact) and hands the failures to the main process with the batch. There, each distinct bad
+record is counted and logged to ``RUN_DIR/errors.jsonl`` as ``{"iteration", "id", "reason"}`` (no path); once
+more than ``skip_bad_records`` were skipped the run stops with one line naming the record's id and file
+(with the default 0: at the first one).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from medssl.engines.config import PretrainConfig
 from medssl.engines.handlers import label_index, split_reference_query
 from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, collate_views
+from medssl.errors import MedsslError
 
 logger = logging.getLogger("medssl.engines.loaders")
 
 
 def view_options(config: PretrainConfig, method: nn.Module) -> dict[str, Any]:
-    """Keyword arguments (``num_views``, ``multicrop``) of the view pipelines for the method's number of views."""
+    """Keyword arguments (``num_views``, ``multicrop``, ``view_recipe``) of the view pipelines for the method's
+    number of views and view recipe (BYOL: its asymmetric pair)."""
     views = int(getattr(method, "views_required", 2))
+    recipe = str(getattr(method, "view_recipe", "symmetric"))
     if config.method == "swav" and views > 2:
         local_size = int(config.method_options.get("local_crop_size", max(8, round(config.image_size * 96 / 224))))
-        return {"num_views": 2, "multicrop": {"num_local": views - 2, "local_size": local_size}}
-    return {"num_views": views}
+        return {"num_views": 2, "multicrop": {"num_local": views - 2, "local_size": local_size},
+                "view_recipe": recipe}
+    return {"num_views": views, "view_recipe": recipe}
 
 
 def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -46,11 +60,142 @@ def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples])}
 
 
+_BAD = "_bad_records"
+_FAILED = "_load_failed"
+
+
+def describe_load_failure(record: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """``{"id", "path", "reason"}`` of a record whose transform raised ``exc``; the reason holds no path."""
+    from medssl.data.readers.load import find_record_error
+
+    found = find_record_error(exc)
+    if found is not None:
+        reason = found.detail
+    else:
+        while exc.__cause__ is not None:  # MONAI's "applying transform ..." wrappers
+            exc = exc.__cause__
+        text = " ".join(str(getattr(exc, "reason", exc)).split())[:300]
+        reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    path = record.get("image")
+    if isinstance(path, str) and path:
+        reason = reason.replace(path, "<file>").replace(Path(path).name, "<file>")
+    return {"id": record.get("id"), "path": path, "reason": reason}
+
+
+class GuardedRecords(Dataset):
+    """``base[(epoch, index)]``, or the next loadable record when it fails (see the module docstring).
+
+    Args:
+        base: the seeded dataset.
+        max_replacements: records tried after a failing one (``skip_bad_records``; 0 = none).
+
+    A sample that needed replacements carries the failures under a private key; when every try failed the
+    sample is only that report (:class:`BadRecordGate` raises in the main process).
+    """
+
+    def __init__(self, base: SeededSampleDataset, max_replacements: int = 0) -> None:
+        self.base = base
+        self.max_replacements = max(0, int(max_replacements))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, int(key))
+        size = len(self.base)
+        bad: list[dict[str, Any]] = []
+        for offset in range(min(self.max_replacements + 1, size)):
+            j = (index + offset) % size
+            try:
+                sample = self.base[(epoch, j)]
+            except Exception as exc:  # noqa: BLE001 - reported (not raised) so the main process names the record
+                bad.append(describe_load_failure(self.base.records[j], exc))
+                continue
+            return {**sample, _BAD: bad} if bad else sample
+        return {_BAD: bad, _FAILED: True}
+
+
+class GuardedCollate:
+    """Collate with ``inner`` and pass the samples' load failures along under a private key."""
+
+    def __init__(self, inner: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.inner = inner
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        bad = [entry for s in samples for entry in s.get(_BAD, ())]
+        if any(s.get(_FAILED) for s in samples):
+            return {_BAD: bad, _FAILED: True}
+        batch = self.inner([{k: v for k, v in s.items() if k != _BAD} for s in samples])
+        batch[_BAD] = bad
+        return batch
+
+
+class BadRecordGate:
+    """Iterate a guarded loader in the main process: log and count skipped records, stop past the limit.
+
+    Args:
+        loader: a DataLoader over :class:`GuardedRecords` with :class:`GuardedCollate`.
+        limit: ``skip_bad_records``.
+        start_step: optimizer steps already done (the first batch is iteration ``start_step + 1``).
+        errors_path: the run's ``errors.jsonl`` (None: not logged).
+        skipped: ids already skipped (restored from the checkpoint); updated in place.
+        rank: written with each line when several processes train.
+    """
+
+    def __init__(self, loader: DataLoader, *, limit: int = 0, start_step: int = 0,
+                 errors_path: str | Path | None = None, skipped: set[Any] | None = None,
+                 rank: int | None = None) -> None:
+        self.loader = loader
+        self.limit = int(limit)
+        self.step = int(start_step)
+        self.errors_path = Path(errors_path) if errors_path is not None else None
+        self.skipped = skipped if skipped is not None else set()
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.step += 1
+            bad = batch.pop(_BAD, [])
+            for entry in bad:
+                self._count(entry)
+            if batch.get(_FAILED):
+                raise self._error(bad[-1], "no loadable replacement found")
+            yield batch
+
+    def _count(self, entry: dict[str, Any]) -> None:
+        key = entry["id"] if entry.get("id") is not None else entry.get("path")
+        if key in self.skipped:
+            return
+        self.skipped.add(key)
+        if self.errors_path is not None:
+            line = {"iteration": self.step, "id": entry.get("id"), "reason": entry["reason"]}
+            if self.rank is not None:
+                line["rank"] = self.rank
+            with self.errors_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+        if len(self.skipped) > self.limit:
+            raise self._error(entry, None)
+
+    def _error(self, entry: dict[str, Any], why: str | None) -> MedsslError:
+        what = f"record {entry.get('id')!r} cannot be loaded ({entry['reason']})"
+        if self.limit > 0:
+            what = (f"more than {self.limit} unreadable records (--skip-bad-records {self.limit})"
+                    f"{'; ' + why if why else ''}; the last: {what}")
+        return MedsslError(what, entry.get("path"))
+
+
 def build_pretraining_loader(config: PretrainConfig, records: list[dict[str, Any]], method: nn.Module, *,
-                             rank: int, world_size: int, start_step: int,
-                             device: torch.device) -> tuple[DataLoader, nn.Module | None]:
+                             rank: int, world_size: int, start_step: int, device: torch.device,
+                             errors_path: str | Path | None = None,
+                             skipped: set[Any] | None = None) -> tuple[BadRecordGate, nn.Module | None]:
     """The SSL loader for steps ``[start_step, config.iterations)`` and, for ``augment_on="device"``, the
-    batched view augmentation to run on ``device`` (else None)."""
+    batched view augmentation to run on ``device`` (else None).
+
+    The loader is a :class:`BadRecordGate` (``len`` and iteration like a DataLoader) applying
+    ``config.skip_bad_records``; skipped records go to ``errors_path`` and ``skipped``."""
     from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform
     from medssl.transforms.presets import build_ssl_transform
 
@@ -65,14 +210,17 @@ def build_pretraining_loader(config: PretrainConfig, records: list[dict[str, Any
         collate = collate_views
     sampler = StepBatchSampler(len(records), config.batch_size, int(config.iterations), seed=config.seed,
                                rank=rank, world_size=world_size, start_step=start_step)
-    loader = DataLoader(SeededSampleDataset(records, transform, seed=config.seed), batch_sampler=sampler,
-                        num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+    dataset = GuardedRecords(SeededSampleDataset(records, transform, seed=config.seed), config.skip_bad_records)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers,
+                        collate_fn=GuardedCollate(collate), pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(config.seed))
-    return loader, augment
+    gate = BadRecordGate(loader, limit=config.skip_bad_records, start_step=start_step, errors_path=errors_path,
+                         skipped=skipped, rank=rank if world_size > 1 else None)
+    return gate, augment
 
 
 def build_labelled_loaders(config: PretrainConfig,
-                           records: list[dict[str, Any]]) -> tuple[DataLoader, DataLoader, int] | None:
+                           records: list[dict[str, Any]]) -> tuple[BadRecordGate, BadRecordGate, int] | None:
     """kNN reference/query loaders (eval transform) or None when there are not two labelled classes."""
     from medssl.data.sources import records_from_path
     from medssl.transforms.presets import build_eval_transform
@@ -93,9 +241,10 @@ def build_labelled_loaders(config: PretrainConfig,
         return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),
                 "label": torch.tensor([classes[str(s["label"])] for s in samples])}
 
-    def loader(recs: list[dict[str, Any]]) -> DataLoader:
-        ds = SeededSampleDataset(recs, transform, seed=config.seed)
-        return DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=config.workers,
-                          collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
+    def loader(recs: list[dict[str, Any]]) -> BadRecordGate:  # an unreadable record stops with its id and file
+        ds = GuardedRecords(SeededSampleDataset(recs, transform, seed=config.seed))
+        return BadRecordGate(DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False,
+                                        num_workers=config.workers, collate_fn=GuardedCollate(collate),
+                                        generator=torch.Generator().manual_seed(config.seed)))
 
     return loader(ref), loader(qry), len(classes)

@@ -48,44 +48,66 @@ logger = logging.getLogger("medssl.engines.run")
 
 
 def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, resume_options: dict[str, Any] | None = None) -> Path:
     """Pretrain as ``config`` says and return the run folder.
 
     Args:
-        config: the run's settings (``config.out`` is RUN_DIR). With ``resume=True`` only ``out`` and the
-            optional ``iterations`` / ``stop_after`` override matter; the rest is read from RUN_DIR/config.json.
+        config: the run's settings (``config.out`` is RUN_DIR). With ``resume=True`` the settings are read from
+            RUN_DIR/config.json (checked against the checkpoint's run record, see :mod:`medssl.engines.resume`);
+            fields of ``config`` that differ from both the defaults and the recorded settings are the options
+            given to the resume (applied or refused).
         resume: continue the run in ``config.out`` from its newest checkpoint.
         overwrite: allow a non-empty RUN_DIR for a new run (its old checkpoints and logs are removed).
         progress: show a tqdm progress bar on rank 0.
+        resume_options: with ``resume``, the options given (field -> value; the CLI passes exactly what was on
+            its command line) instead of the fields of ``config`` that differ from the defaults.
+
+    The run folder is locked while the run writes to it (:class:`~medssl.engines.runlock.RunLock`, rank 0), and
+    temporaries left by a killed atomic write are removed at start.
 
     Raises:
-        MedsslError: non-empty RUN_DIR without resume/overwrite, nothing to resume, bad data, NaN loss.
+        MedsslError: non-empty RUN_DIR without resume/overwrite, folder locked by another run, nothing to resume,
+            resume options that cannot be applied, config.json not matching the checkpoint, bad data, NaN loss.
     """
+    import contextlib
+
+    from medssl.engines.resume import resume_config
+    from medssl.engines.runlock import LOCK_NAME, RunLock
+    from medssl.io import clean_stale_tmp
+
     run_dir = Path(config.out)
     if not config.out:
         raise MedsslError("no output folder given (--out RUN_DIR)")
-    if resume:
-        saved = PretrainConfig.from_json(run_dir / "config.json")
-        changes: dict[str, Any] = {"out": str(run_dir), "stop_after": config.stop_after}
-        if config.iterations is not None and config.iterations != saved.iterations:
-            changes["iterations"] = config.iterations
-        config = dataclasses.replace(saved, **changes)
-        if latest_checkpoint(run_dir) is None:
-            raise MedsslError("no checkpoint to resume from in checkpoints/", run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise MedsslError("output folder is not empty; use --resume to continue it or --overwrite", run_dir)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 deletes (no race)
-            _clear_run_outputs(run_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
-    with idist.Parallel(backend=backend) as parallel:
-        parallel.run(_train, config, resume, progress)
+    if resume and not (run_dir / "config.json").is_file():
+        raise MedsslError("no config.json: not a medssl pretraining run folder", run_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 locks, cleans and deletes
+    with RunLock(run_dir) if rank0 else contextlib.nullcontext():
+        if rank0:
+            for folder in (run_dir, run_dir / "checkpoints"):
+                clean_stale_tmp(folder, any_writer=True)  # we hold the lock: nobody else writes here
+        resumed = None
+        if resume:
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise MedsslError("no checkpoint to resume from in checkpoints/", run_dir)
+            state = load_checkpoint_file(ckpt)
+            config, record, given = resume_config(run_dir, state, ckpt, resume_options, requested=config)
+            resumed = (ckpt, state, record, given)
+        elif run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+            if not overwrite:
+                raise MedsslError("output folder is not empty; use --resume to continue it or --overwrite",
+                                  run_dir)
+            if rank0:
+                _clear_run_outputs(run_dir)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
+        with idist.Parallel(backend=backend) as parallel:
+            parallel.run(_train, config, resumed, progress)
     return run_dir
 
 
 def _clear_run_outputs(run_dir: Path) -> None:
-    for name in ("metrics.jsonl", "config.json", "backbone.safetensors"):
+    for name in ("metrics.jsonl", "config.json", "backbone.safetensors", "errors.jsonl", "resumes.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "tb"):
         folder = run_dir / sub
@@ -135,21 +157,25 @@ def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], 
         source = {"format": loaded.format, "file": Path(config.init).name, "sha256": sha256_of(config.init)}
     reports: list[dict] = []
     wants_prep = (config.norm == "bn" and config.init != "random") or config.scale_frobenius or \
-        config.dead_filters != "none"
+        config.dead_filters != "none" or config.fold_ws
     if wants_prep:
-        from medssl.models import StdConv2d
         from medssl.weights.prepare import prepare_backbone
 
-        # Frobenius scaling is a no-op on weight-standardised convs: fold WS first (exact) so BiT is scaled too
-        standardized = any(isinstance(m, StdConv2d) and m.standardize for m in backbone.modules())
-        reports = prepare_backbone(backbone, norm=config.norm if config.init != "random" else "keep",
-                                   fold_ws=config.scale_frobenius and standardized,
-                                   scale_frobenius=config.scale_frobenius, dead_filters=config.dead_filters,
-                                   seed=config.seed)
+        # weight standardisation is folded only when asked (--fold-ws); scaling a still-standardised network
+        # (or one without conv+BN pairs) is refused by prepare_backbone with a one-line error
+        try:
+            reports = prepare_backbone(backbone, norm=config.norm if config.init != "random" else "keep",
+                                       fold_ws=config.fold_ws, scale_frobenius=config.scale_frobenius,
+                                       frobenius_rule=config.frobenius_rule, dead_filters=config.dead_filters,
+                                       seed=config.seed)
+        except MedsslError as exc:
+            if exc.path is None and config.init != "random":  # name the checkpoint that was refused
+                raise MedsslError(exc.reason, config.init) from exc
+            raise
     return backbone.train(), spec, heads, reports, source
 
 
-def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool) -> None:
+def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progress: bool) -> None:
     from medssl.data.sources import records_from_path
     from medssl.methods import HEAD_NAMES, build_method
     from medssl.models import InputNormalization
@@ -164,13 +190,21 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
     if steps_per_epoch < 1:
         raise MedsslError(f"{len(records)} images are fewer than one batch of {config.batch_size * world}",
                           config.data)
+    resume = resumed is not None
     if not resume:
         config = config.resolve(steps_per_epoch=steps_per_epoch, world_size=world)
+    elif "iterations" in resumed[2]["overrides"]:
+        config = dataclasses.replace(config, epochs=-(-int(config.iterations) // steps_per_epoch))
     _seed_everything(config.seed)  # identical initialisation on every rank
-    backbone, spec, heads, reports, source = _build_backbone(config)
+    if resume:  # the layout comes from the checkpoint's run record: the init file is never read again
+        from medssl.engines.resume import rebuild_backbone
+
+        backbone, spec, heads, reports, source = rebuild_backbone(resumed[2], resumed[1], resumed[0])
+    else:
+        backbone, spec, heads, reports, source = _build_backbone(config)
     method_opts = dict(config.method_options)
     if heads:
-        method_opts.update(heads=heads, heads_source=str(config.init))
+        method_opts.update(heads=heads, heads_source=str(resumed[0] if resume else config.init))
     method = build_method(config.method, backbone, **method_opts)
     if config.sync_bn and world > 1:
         if device.type == "cuda":
@@ -182,6 +216,11 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
     method = method.to(device)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    # epoch-based method knobs (SwAV prototype freezing, queue start/length) -> steps of this run; recorded
+    method_schedule = method.configure_run(steps_per_epoch=steps_per_epoch,
+                                           global_batch_size=config.batch_size * world,
+                                           max_iterations=int(config.iterations))
+    config = dataclasses.replace(config, method_schedule=method_schedule)
     normalization = InputNormalization.from_spec(spec).to(device)
     optimizer = build_optimizer(config.optimizer or "sgd", method.param_groups(config.weight_decay, config.lr),
                                 lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
@@ -193,13 +232,14 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
     start = 0
     state = None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        state = load_checkpoint_file(ckpt)
+        ckpt, state, run_record = resumed[0], resumed[1], resumed[2]
         start = int(state["iteration"])
         logger.info("resuming %s from iteration %d", run_dir, start)
     _seed_everything(config.seed + rank)  # per-rank randomness from here on
+    skipped = set(state.get("skipped_records") or []) if state is not None else set()
     loader, view_augment = build_pretraining_loader(config, records, method, rank=rank, world_size=world,
-                                                    start_step=start, device=device)
+                                                    start_step=start, device=device,
+                                                    errors_path=run_dir / "errors.jsonl", skipped=skipped)
     network: nn.Module = method
     if world > 1:
         network = idist.auto_model(method, sync_bn=False, find_unused_parameters=config.method == "swav")
@@ -218,21 +258,35 @@ def _train(local_rank: int, config: PretrainConfig, resume: bool, progress: bool
                                schedule=schedule, rank=rank, world_size=world)
         trainer.state.iteration = start
         trainer.state.epoch = start // steps_per_epoch
+    if not resume:  # the run record (hash of config.json as written here) goes into every checkpoint
+        from medssl.engines.resume import make_run_record
+
+        run_record = make_run_record(config, backbone=backbone, spec=spec, heads=heads, reports=reports,
+                                     source=source)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-        if resume:
+        if resume:  # config.json stays the run-start record; what this resume changed goes to resumes.jsonl
+            from medssl.engines.resume import log_resume
+
             metrics.truncate_after(start)
+            MetricsJsonl(run_dir / "errors.jsonl").truncate_after(start)
+            log_resume(run_dir, iteration=start, checkpoint=ckpt, applied=resumed[3])
+        else:
+            atomic_write_json(run_dir / "config.json", config.to_dict())
+    if world > 1:
+        idist.barrier()  # logs truncated before any rank appends to them
     _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank, progress,
-                     spec=spec, reports=reports, source=source, head_names=HEAD_NAMES)
+                     spec=spec, reports=reports, source=source, head_names=HEAD_NAMES, run_record=run_record)
     trainer.run()
 
 
 def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
                      normalization: nn.Module, records: list[dict[str, Any]], device: torch.device, run_dir: Path,
                      metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict, reports: list[dict],
-                     source: dict, head_names: tuple[str, ...]) -> None:
+                     source: dict, head_names: tuple[str, ...], run_record: dict[str, Any]) -> None:
     from ignite.engine import Events
+
+    from medssl.engines.resume import encode_run_record
 
     max_iterations = trainer.max_iterations
     saved: set[int] = set()
@@ -244,14 +298,17 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
             return
         saved.add(it)
         per_rank = None
+        skipped = set(trainer.data_loader.skipped)
         if idist.get_world_size() > 1:
-            mine = {"method_extra": method.extra_state(), "rng": capture_rng_state()}
+            mine = {"method_extra": method.extra_state(), "rng": capture_rng_state(), "skipped": sorted(skipped)}
             per_rank = [None] * idist.get_world_size()
             torch.distributed.all_gather_object(per_rank, mine)
+            skipped = {i for r in per_rank for i in r.pop("skipped")}
         if rank == 0:
             save_checkpoint(run_dir, build_checkpoint_state(
                 iteration=it, epoch=engine.state.epoch, method=method, optimizer=trainer.optimizer,
-                scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict(), per_rank=per_rank),
+                scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict(), per_rank=per_rank,
+                run=encode_run_record(run_record), skipped_records=sorted(skipped, key=str)),
                 keep_last=config.keep_checkpoints)
 
     if config.checkpoint_every > 0:
@@ -322,8 +379,14 @@ def _write_backbone(run_dir: Path, config: PretrainConfig, method: nn.Module, *,
         "pretraining": {"method": config.method, "iterations": iteration, "epochs": config.epochs,
                         "batch_size": config.batch_size, "image_size": config.image_size, "lr": config.lr,
                         "optimizer": config.optimizer, "seed": config.seed, "modality": config.modality,
-                        "data": Path(config.data).name},
+                        "data": Path(config.data).name, "method_schedule": config.method_schedule},
     }
+    from medssl.weights.prepare import has_batchnorm_statistics, preparation_summary
+
+    if reports:
+        provenance["preparation"] = preparation_summary(reports)
+    if has_batchnorm_statistics(backbone):
+        provenance["bn_statistics"] = "trained"  # running statistics of the SSL training batches
     save_medssl_file(run_dir / "backbone.safetensors", plain(backbone), arch=backbone.arch,
                      arch_kwargs=backbone.arch_kwargs, heads=heads, input_normalization=spec,
                      provenance=provenance)

@@ -8,7 +8,10 @@ Per step (Ignite iteration ``t``, 1-based, covering optimizer step ``t - 1`` of 
 2. for each of ``accumulate`` micro-batches: views -> device (channels_last if asked) -> InputNormalization ->
    method -> loss / accumulate -> non-finite guard -> backward (through a GradScaler for fp16);
 3. ``method.on_before_optimizer_step(t)``, optimizer step, ``method.on_after_optimizer_step(t, T)`` (EMA tau,
-   prototype normalisation); the returned scalars are logged.
+   prototype normalisation, step counters); the returned scalars are logged. When the fp16 ``GradScaler``
+   skips the optimizer step (inf/NaN gradients: it lowers its scale instead), the method's after-step hook is
+   skipped too, so the EMA target, SwAV's step counter (prototype freezing, queue start) and normalisations
+   only follow steps that changed the weights; the step logs ``skipped_step: 1`` and a warning.
 
 AMP runs only on CUDA (bf16 autocast, or fp16 autocast with ``torch.amp.GradScaler``); on CPU the step is fp32.
 """
@@ -142,6 +145,22 @@ class PretrainingTrainer(Trainer):
         total = idist.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.state.device))
         return float(total) / world
 
+    def _optimizer_step(self) -> bool:
+        """Step the optimizer (through the GradScaler when there is one); False when the step was skipped.
+
+        ``GradScaler.step`` skips ``optimizer.step()`` when the unscaled gradients hold inf/NaN, and ``update``
+        then multiplies the scale by ``backoff_factor`` (< 1); the scale drops in no other case, so a lower
+        scale after ``update`` means the step was skipped (the same on every rank: the scaler's inf check is
+        made on the all-reduced gradients under DDP).
+        """
+        if self.grad_scaler is None:
+            self.optimizer.step()
+            return True
+        before = self.grad_scaler.get_scale()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return not self.grad_scaler.get_scale() < before
+
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         iteration = engine.state.iteration  # 1-based optimizer step
         epoch = engine.state.epoch
@@ -168,14 +187,14 @@ class PretrainingTrainer(Trainer):
             if embeddings is None:
                 embeddings = out.get("embeddings")
         self.method.on_before_optimizer_step(iteration)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
-        logs = self.method.on_after_optimizer_step(iteration, self.max_iterations) or {}
         output: dict[str, Any] = {"loss": self._mean_over_ranks(total_loss), "lr": lr}
-        output.update({k: float(v) for k, v in logs.items()})
+        if self._optimizer_step():
+            logs = self.method.on_after_optimizer_step(iteration, self.max_iterations) or {}
+            output.update({k: float(v) for k, v in logs.items()})
+        else:
+            logger.warning("optimizer step %d skipped (fp16 gradients not finite); method hooks skipped too",
+                           iteration)
+            output["skipped_step"] = 1.0
         if embeddings is not None and self.collapse_monitor is not None:
             output["collapse_std"] = self.collapse_monitor.update(embeddings, iteration=iteration, epoch=epoch)
         return output

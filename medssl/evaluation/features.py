@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,70 @@ def extract_features(
     return np.concatenate(chunks, axis=0)
 
 
+@dataclass
+class FeatureArray:
+    """Features (N, D) of a record list, their cache key, and whether they still have to be stored."""
+
+    feats: np.ndarray
+    ids: list[str]
+    key: str
+    meta: dict[str, Any]
+    computed: bool
+
+
+def load_or_compute_features(
+    model: nn.Module,
+    records: Sequence[Mapping[str, Any]],
+    transform: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    *,
+    cache_dir: str | Path | None,
+    model_hash: str,
+    manifest_hash: str,
+    transform_desc: str,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    desc: str = "features",
+) -> FeatureArray:
+    """Features of ``records`` in order, from memory, from ``cache_dir`` or computed; nothing is written.
+
+    Computed features come back with ``computed=True``; :func:`store_features` writes them (so a caller can
+    check every split before writing any file).
+    """
+    ids = [str(r["id"]) for r in records]
+    key = feature_cache_key(model_hash, manifest_hash, transform_desc, ids)
+    meta = {"ids": ids, "model_sha256": model_hash, "manifest_sha256": manifest_hash, "transform": transform_desc}
+    if key in _MEMORY_CACHE:
+        return FeatureArray(_MEMORY_CACHE[key], ids, key, meta, computed=False)
+    npy = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
+    if npy is not None and npy.is_file():
+        try:
+            stored = json.loads(npy.with_suffix(".json").read_text())
+            feats = np.load(npy, allow_pickle=False)
+            if stored.get("ids") == ids and feats.shape[0] == len(ids):
+                log.info("features loaded from cache %s", npy.name)
+                _MEMORY_CACHE[key] = feats
+                return FeatureArray(feats, ids, key, meta, computed=False)
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable feature cache %s", npy.name)
+    feats = extract_features(model, make_loader(records, transform, batch_size, num_workers=num_workers),
+                             device, desc=desc)
+    return FeatureArray(feats, ids, key, meta, computed=True)
+
+
+def store_features(entry: FeatureArray, cache_dir: str | Path | None) -> None:
+    """Keep computed features in memory and, with ``cache_dir``, as ``<key>.npy`` + ``<key>.json`` (atomic)."""
+    if not entry.computed:
+        return
+    _MEMORY_CACHE[entry.key] = entry.feats
+    if cache_dir is not None:
+        npy = Path(cache_dir) / f"{entry.key}.npy"
+        with atomic_open(npy, "wb") as fh:
+            np.save(fh, entry.feats, allow_pickle=False)
+        atomic_write_json(npy.with_suffix(".json"), {**entry.meta, "shape": list(entry.feats.shape)})
+    entry.computed = False
+
+
 def cached_features(
     model: nn.Module,
     records: Sequence[Mapping[str, Any]],
@@ -112,32 +177,11 @@ def cached_features(
     desc: str = "features",
 ) -> np.ndarray:
     """Features (N, D) of ``records`` in order, from memory, from ``cache_dir`` or computed (then stored)."""
-    ids = [str(r["id"]) for r in records]
-    key = feature_cache_key(model_hash, manifest_hash, transform_desc, ids)
-    if key in _MEMORY_CACHE:
-        return _MEMORY_CACHE[key]
-    npy = Path(cache_dir) / f"{key}.npy" if cache_dir is not None else None
-    if npy is not None and npy.is_file():
-        meta_path = npy.with_suffix(".json")
-        try:
-            meta = json.loads(meta_path.read_text())
-            feats = np.load(npy, allow_pickle=False)
-            if meta.get("ids") == ids and feats.shape[0] == len(ids):
-                log.info("features loaded from cache %s", npy.name)
-                _MEMORY_CACHE[key] = feats
-                return feats
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable feature cache %s", npy.name)
-    feats = extract_features(model, make_loader(records, transform, batch_size, num_workers=num_workers),
-                             device, desc=desc)
-    _MEMORY_CACHE[key] = feats
-    if npy is not None:
-        with atomic_open(npy, "wb") as fh:
-            np.save(fh, feats, allow_pickle=False)
-        atomic_write_json(npy.with_suffix(".json"), {
-            "ids": ids, "model_sha256": model_hash, "manifest_sha256": manifest_hash,
-            "transform": transform_desc, "shape": list(feats.shape)})
-    return feats
+    entry = load_or_compute_features(model, records, transform, cache_dir=cache_dir, model_hash=model_hash,
+                                     manifest_hash=manifest_hash, transform_desc=transform_desc,
+                                     batch_size=batch_size, device=device, num_workers=num_workers, desc=desc)
+    store_features(entry, cache_dir)
+    return entry.feats
 
 
 def clear_memory_cache() -> None:

@@ -4,8 +4,11 @@ Every function takes ``y_true`` and ``y_pred`` as integer class indices in ``[0,
 and, for AUROC, ``probs`` of shape (N, num_classes). Definitions follow scikit-learn so that published numbers
 are comparable (the tests check equality with sklearn):
 
-- balanced accuracy = macro recall over the classes present in ``y_true`` (Brodersen et al. 2010);
-- macro F1 = unweighted mean over classes of 2PR/(P+R); a class with P+R = 0 contributes 0;
+- balanced accuracy = macro recall over the classes present in ``y_true`` (Brodersen et al. 2010): the single
+  definition :func:`medssl.engines.scores.balanced_accuracy`, used everywhere in medssl;
+- macro F1 = unweighted mean of 2PR/(P+R) over the classes present in ``y_true`` (sklearn's
+  ``f1_score(average="macro", labels=<present classes>, zero_division=0)``); a present class with P+R = 0
+  contributes 0, a class without test images is left out (it is not scored 0);
 - accuracy = fraction of correct predictions;
 - recall/precision per class (0 where undefined, as sklearn's ``zero_division=0``);
 - one-vs-rest AUROC per class = Mann-Whitney U / (n_pos * n_neg) with ties counted 1/2; macro AUROC = mean
@@ -20,12 +23,22 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from medssl.engines.scores import (
+    BALANCED_ACCURACY_DEFINITION,
+    balanced_accuracy,
+    balanced_accuracy_from_confusion,
+)
+
+__all__ = ["balanced_accuracy", "confusion_matrix", "metrics_from_confusion", "macro_f1", "auroc_one_vs_rest",
+           "classification_metrics", "METRIC_DEFINITIONS"]
+
 #: human-readable definitions written next to every number in results.json
 METRIC_DEFINITIONS: dict[str, str] = {
-    "balanced_accuracy": "mean over classes present in the test labels of per-class recall (= macro recall)",
-    "macro_f1": "unweighted mean over classes of F1 = 2*precision*recall/(precision+recall) (0 if undefined)",
+    "balanced_accuracy": BALANCED_ACCURACY_DEFINITION,
+    "macro_f1": "unweighted mean over the classes present in the test labels of F1 = "
+                "2*precision*recall/(precision+recall) (0 if undefined)",
     "accuracy": "fraction of test images whose predicted class equals the true class",
-    "recall": "per class: true positives / images of that class",
+    "recall": "per class: true positives / images of that class (null for a class without test images)",
     "precision": "per class: true positives / images predicted as that class (0 if none predicted)",
     "auroc": "per class one-vs-rest area under the ROC curve from the class probabilities (ties count 1/2)",
     "macro_auroc": "mean of the per-class one-vs-rest AUROCs over classes with positives and negatives",
@@ -61,12 +74,11 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
         denom = precision + recall
         f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
     present = support > 0
-    balanced = (recall * present).sum(axis=-1) / np.maximum(present.sum(axis=-1), 1)
     total = cm.sum(axis=(-2, -1))
     accuracy = tp.sum(axis=-1) / np.maximum(total, 1)
     return {
-        "balanced_accuracy": balanced,
-        "macro_f1": f1.mean(axis=-1),
+        "balanced_accuracy": balanced_accuracy_from_confusion(cm),
+        "macro_f1": (f1 * present).sum(axis=-1) / np.maximum(present.sum(axis=-1), 1),
         "accuracy": accuracy,
         "recall": recall,
         "precision": precision,
@@ -74,13 +86,8 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean per-class recall over the classes present in ``y_true``."""
-    return float(metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes))["balanced_accuracy"])
-
-
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Unweighted mean of the per-class F1 scores over all ``num_classes`` classes."""
+    """Unweighted mean of the per-class F1 scores over the classes present in ``y_true``."""
     return float(metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes))["macro_f1"])
 
 
@@ -114,7 +121,7 @@ def classification_metrics(
         "balanced_accuracy": float(m["balanced_accuracy"]),
         "macro_f1": float(m["macro_f1"]),
         "accuracy": float(m["accuracy"]),
-        "recall": [float(v) for v in m["recall"]],
+        "recall": [float(v) if n > 0 else None for v, n in zip(m["recall"], cm.sum(axis=1))],
         "precision": [float(v) for v in m["precision"]],
         "confusion_matrix": cm.tolist(),
         "n": int(len(y_true)),

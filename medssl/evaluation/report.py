@@ -1,7 +1,10 @@
 """report.md of one evaluation folder, and the comparison of several (``medssl report``).
 
 Every number in a report is recomputed from ``predictions.csv`` (with the bootstrap settings stored in
-results.json), so the tables can be checked independently from the per-image predictions.
+results.json), so the tables can be checked independently from the per-image predictions. Intervals and paired
+tests resample test clusters (lesions, patients or images: ``--cluster-by``) and trials
+(:mod:`medssl.evaluation.bootstrap`); each table header states the unit and the number of clusters, and the
+paired comparisons of one report carry Holm-adjusted p-values next to the raw ones.
 """
 
 from __future__ import annotations
@@ -18,9 +21,20 @@ from typing import Any
 import numpy as np
 
 from medssl.errors import MedsslError
-from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION, PAIRED_DEFINITION, paired_bootstrap
+from medssl.evaluation.bootstrap import (
+    BOOTSTRAP_DEFINITION,
+    PAIRED_DEFINITION,
+    format_p_value,
+    holm_adjust,
+    paired_bootstrap,
+)
 from medssl.evaluation.plots import plot_confusion_matrix, plot_pretraining_curves
-from medssl.evaluation.predictions import PredictionTable, read_predictions, summarize_predictions
+from medssl.evaluation.predictions import (
+    PredictionTable,
+    read_predictions,
+    summarize_predictions,
+    table_clusters,
+)
 from medssl.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 HEADLINE = ("balanced_accuracy", "macro_f1", "accuracy")
@@ -44,6 +58,7 @@ class Evaluation:
     results: dict[str, Any]
     table: PredictionTable
     summary: list[dict]
+    cluster_by: str = "auto"
 
     @property
     def name(self) -> str:
@@ -54,8 +69,9 @@ class Evaluation:
         return str(self.results.get("data", {}).get("dataset", "data"))
 
 
-def load_evaluation(eval_dir: str | os.PathLike[str]) -> Evaluation:
-    """Read an EVAL_DIR and recompute its summary from predictions.csv."""
+def load_evaluation(eval_dir: str | os.PathLike[str], cluster_by: str | None = None) -> Evaluation:
+    """Read an EVAL_DIR and recompute its summary from predictions.csv; ``cluster_by`` (default: the
+    evaluation's own ``config.cluster_by``, else ``auto``) chooses the bootstrap unit."""
     path = Path(eval_dir)
     results_path = path / "results.json"
     if not results_path.is_file():
@@ -66,8 +82,15 @@ def load_evaluation(eval_dir: str | os.PathLike[str]) -> Evaluation:
         raise MedsslError(f"results.json is not valid JSON ({exc.msg})", results_path) from exc
     table = read_predictions(path / "predictions.csv")
     cfg = results.get("config", {})
-    summary = summarize_predictions(table, n_resamples=int(cfg.get("bootstrap", 1000)), seed=int(cfg.get("seed", 0)))
-    return Evaluation(path, results, table, summary)
+    cluster_by = cluster_by or str(cfg.get("cluster_by") or "auto")
+    summary = summarize_predictions(table, n_resamples=int(cfg.get("bootstrap", 1000)), seed=int(cfg.get("seed", 0)),
+                                    cluster_by=cluster_by, source=path / "predictions.csv")
+    return Evaluation(path, results, table, summary, cluster_by)
+
+
+def interval_unit(summary: Sequence[dict]) -> str:
+    """The CI unit(s) of summary blocks (``patient_id``, ``lesion_id``, ``image``), ``/``-joined if mixed."""
+    return "/".join(dict.fromkeys(b["interval"]["unit"] for b in summary)) or "image"
 
 
 def _cell(summary: dict, metric: str) -> str:
@@ -94,15 +117,18 @@ def eval_report_markdown(ev: Evaluation) -> str:
         f"classes: {', '.join(classes)}",
     ]
     lines += [f"- note: {n}" for n in data.get("notes", [])]
-    lines += ["", "## Test results (mean ± std over trials, 95% CI of the trial mean)", "",
+    unit = interval_unit(ev.summary)
+    lines += ["", f"## Test results (mean ± std over trials, 95% CI of the trial mean; CI unit: {unit})", "",
               "| label fraction | trials | test images | balanced accuracy | 95% CI | macro F1 | 95% CI | "
-              "accuracy | 95% CI | macro AUROC |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"accuracy | 95% CI | macro AUROC | test clusters ({unit}) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in ev.summary:
         s = b["summary"]
         lines.append(f"| {fraction_label(b['fraction'])} | {len(b['trials'])} | {b['n_test']} | "
                      + " | ".join(f"{_cell(s, m)} | {_ci(s, m)}" for m in HEADLINE)
-                     + f" | {_cell(s, 'macro_auroc')} |")
+                     + f" | {_cell(s, 'macro_auroc')} | {b['interval']['n_clusters']} |")
+    lines += [""] + [f"95% CI, {fraction_label(b['fraction'])} labels: covers {b['interval']['covers']}."
+                     for b in ev.summary]
     lines += ["", "## Every trial", "",
               "| label fraction | trial | balanced accuracy | macro F1 | accuracy | macro AUROC |",
               "|---|---|---|---|---|---|"]
@@ -153,14 +179,50 @@ def _aligned_trials(ev: Evaluation, fraction: float, ids: np.ndarray) -> tuple[n
     return y_true, preds
 
 
-def paired_comparisons(evals: Sequence[Evaluation], *, n_resamples: int = 1000, seed: int = 0) -> list[dict]:
-    """Paired bootstrap (balanced accuracy, A - B) for every pair of evaluations on the same dataset, classes
-    and label fraction, over the test images both contain (matched by id)."""
+def _aligned_table(a: Evaluation, b: Evaluation, fraction: float, ids: np.ndarray) -> PredictionTable:
+    """First-trial rows of ``a`` for ``ids`` with the cluster pseudonyms of both (one may lack them)."""
+    tables = []
+    for ev in (a, b):
+        t = ev.table.select(fraction, ev.table.trials(fraction)[0])
+        pos = {i: k for k, i in enumerate(t.ids)}
+        order = np.array([pos[i] for i in ids], dtype=np.int64)
+        tables.append(PredictionTable(t.classes, t.ids[order], t.split[order], t.trial[order], t.fraction[order],
+                                      t.y_true[order], t.y_pred[order], t.probs[order], t.patient_ids[order],
+                                      t.lesion_ids[order]))
+    ta, tb = tables
+    for column in ("patient_ids", "lesion_ids"):
+        va, vb = getattr(ta, column), getattr(tb, column)
+        both = (va != "") & (vb != "")
+        if np.any(va[both] != vb[both]):
+            raise MedsslError(f"{a.name} and {b.name} disagree on the {column[:-1]} of the same test images")
+        setattr(ta, column, np.where(va != "", va, vb))
+    return ta
+
+
+def _same_label_subsets(a: Evaluation, b: Evaluation, fraction: float) -> bool:
+    """Trial t of ``a`` and of ``b`` trained on the same label subset: same manifest, seed, trials, n_train."""
+    def key(ev: Evaluation) -> tuple:
+        blocks = [blk for blk in ev.results.get("results", []) if np.isclose(blk.get("fraction", -1), fraction)]
+        n_train = [t.get("n_train") for blk in blocks for t in blk.get("trials", [])]
+        return (ev.results.get("data", {}).get("manifest_sha256"), ev.results.get("config", {}).get("seed"),
+                tuple(ev.table.trials(fraction)), tuple(n_train))
+    ka, kb = key(a), key(b)
+    return bool(ka[0]) and ka[1] is not None and ka == kb
+
+
+def paired_comparisons(evals: Sequence[Evaluation], *, n_resamples: int = 1000, seed: int = 0,
+                       cluster_by: str | None = None) -> list[dict]:
+    """Paired two-stage bootstrap (balanced accuracy, A - B) for every pair of evaluations on the same dataset,
+    classes and label fraction, over the test images both contain (matched by id), resampling the clusters of
+    ``cluster_by`` (default: the evaluations' own setting, ``auto`` if they differ). Every row carries the raw
+    ``p_value`` and ``p_holm``, Holm-adjusted over all rows (the family of comparisons of one report), and both
+    as shown at their resolution (``p_display``, ``p_holm_display``)."""
     rows = []
     for i, a in enumerate(evals):
         for b in evals[i + 1:]:
             if a.dataset != b.dataset or a.table.classes != b.table.classes:
                 continue
+            unit_choice = cluster_by or (a.cluster_by if a.cluster_by == b.cluster_by else "auto")
             for fraction in sorted(set(a.table.fractions()) & set(b.table.fractions())):
                 ids_a = set(a.table.select(fraction, a.table.trials(fraction)[0]).ids)
                 ids_b = set(b.table.select(fraction, b.table.trials(fraction)[0]).ids)
@@ -171,19 +233,56 @@ def paired_comparisons(evals: Sequence[Evaluation], *, n_resamples: int = 1000, 
                 y_b, preds_b = _aligned_trials(b, fraction, common)
                 if not np.array_equal(y_a, y_b):
                     raise MedsslError(f"{a.name} and {b.name} disagree on the true labels of the same test images")
-                res = paired_bootstrap(y_a, preds_a, preds_b, len(a.table.classes), n_resamples=n_resamples,
-                                       seed=seed)
+                clusters = table_clusters(_aligned_table(a, b, fraction, common), unit_choice)
+                res = paired_bootstrap(y_a, preds_a, preds_b, len(a.table.classes), clusters=clusters,
+                                       n_resamples=n_resamples, seed=seed,
+                                       paired_trials=_same_label_subsets(a, b, fraction))
                 rows.append({"a": a.name, "b": b.name, "dataset": a.dataset, "fraction": fraction,
                              "trials_a": len(preds_a), "trials_b": len(preds_b), **res})
+    _add_holm(rows)
     return rows
+
+
+def _add_holm(rows: list[dict]) -> None:
+    """``p_holm`` (Holm over ``rows``) and the displayed raw / adjusted p-values.
+
+    A raw p with no exceedance is only known to be < 1/B; a Holm value whose step-down maximum comes from such
+    a p is then a bound too, computed from 1/B, and shown as ``< value``.
+    """
+    if not rows:
+        return
+    p = np.array([r["p_value"] for r in rows])
+    floored = np.array([r["exceedances"] == 0 for r in rows])
+    bound_p = np.where(floored, [1 / r["n_resamples"] for r in rows], p)
+    adjusted = holm_adjust(p)
+    m, order = len(rows), np.argsort(p, kind="stable")
+    running, arg = -1.0, 0
+    for rank, j in enumerate(order):
+        if (m - rank) * bound_p[j] > running:
+            running, arg = (m - rank) * bound_p[j], j
+        row = rows[j]
+        row["p_holm"] = float(adjusted[j])
+        row["p_display"] = format_p_value(row["p_value"], row["n_resamples"])
+        row["p_holm_display"] = format_p_value(min(1.0, running) if floored[arg] else float(adjusted[j]),
+                                               row["n_resamples"], upper_bound=bool(floored[arg]),
+                                               adjusted=True)
+
+
+def _relation(display: str) -> str:
+    """``= 0.023`` or ``< 0.001`` (a displayed p that is a bound keeps its ``<``)."""
+    return display if display.startswith("<") else f"= {display}"
 
 
 def paired_line(row: dict) -> str:
     """One sentence per paired comparison."""
+    noun = {"lesion_id": "lesions", "patient_id": "patients"}.get(row.get("unit", "image"), "images")
     return (f"- **{row['a']} vs {row['b']}**, {row['dataset']}, {fraction_label(row['fraction'])} labels: "
             f"difference in balanced accuracy {row['difference']:+.4f} (95% CI {fmt(row['ci_low'])} to "
-            f"{fmt(row['ci_high'])}), p = {fmt(row['p_value'])}; {row['n']} paired test images, "
-            f"{row['trials_a']} vs {row['trials_b']} trials")
+            f"{fmt(row['ci_high'])}), p {_relation(row['p_display'])} (Holm-adjusted "
+            f"{_relation(row['p_holm_display'])}, "
+            f"{row['n_resamples']} resamples); {row['n']} paired test images in {row['n_clusters']} {noun}, "
+            f"{row['trials_a']} vs {row['trials_b']} trials"
+            + (" (paired by label subset)" if row.get("trials_paired") else ""))
 
 
 def compare_evaluations(
@@ -193,16 +292,19 @@ def compare_evaluations(
     pretrain_runs: Sequence[str | os.PathLike[str]] = (),
     n_resamples: int = 1000,
     seed: int = 0,
+    cluster_by: str | None = None,
 ) -> Path:
     """Write OUT_DIR/comparison.md (+ .csv), paired.csv, report.md and plots; returns report.md's path.
 
     Table (like Ciga et al. Tables 2/3): rows = initialisations (their --name), columns = dataset x label
-    fraction, cells = balanced accuracy mean ± std over trials with the 95% CI of the trial mean.
+    fraction (header: the CI unit and number of test clusters), cells = balanced accuracy mean ± std over
+    trials with the 95% CI of the trial mean. ``cluster_by`` overrides every evaluation's bootstrap unit
+    (``auto``, ``lesion_id``, ``patient_id``, ``none``); paired p-values are Holm-adjusted over the report.
     """
     if not eval_dirs:
         raise MedsslError("give at least one evaluation folder")
     out = Path(out_dir)
-    evals = [load_evaluation(d) for d in eval_dirs]
+    evals = [load_evaluation(d, cluster_by) for d in eval_dirs]
     columns = sorted({(ev.dataset, b["fraction"]) for ev in evals for b in ev.summary})
     names = list(dict.fromkeys(ev.name for ev in evals))
     cells: dict[tuple[str, str, float], dict] = {}
@@ -214,8 +316,11 @@ def compare_evaluations(
             csv_rows.append({
                 "name": ev.name, "protocol": ev.results.get("protocol"), "dataset": ev.dataset,
                 "fraction": b["fraction"], "trials": len(b["trials"]), "test_images": b["n_test"],
-                **{f"{m}_{k}": s[m][k] for m in HEADLINE for k in ("mean", "std", "ci_low", "ci_high")}})
-    header = "| initialisation | " + " | ".join(f"{d} {fraction_label(f)}" for d, f in columns) + " |"
+                **{f"{m}_{k}": s[m][k] for m in HEADLINE for k in ("mean", "std", "ci_low", "ci_high")},
+                "ci_unit": b["interval"]["unit"], "ci_clusters": b["interval"]["n_clusters"],
+                "ci_covers": b["interval"]["covers"]})
+    header = "| initialisation | " + " | ".join(f"{d} {fraction_label(f)} ({_column_unit(cells, d, f)})"
+                                               for d, f in columns) + " |"
     table = [header, "|---|" + "---|" * len(columns)]
     for name in names:
         row = []
@@ -224,20 +329,31 @@ def compare_evaluations(
             row.append("—" if b is None else f"{_cell(b['summary'], 'balanced_accuracy')} "
                        f"{_ci(b['summary'], 'balanced_accuracy')}")
         table.append(f"| {name} | " + " | ".join(row) + " |")
-    paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed)
+    paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed, cluster_by=cluster_by)
     comparison_md = "\n".join(table) + "\n"
     atomic_write_text(out / "comparison.md", comparison_md)
     _write_csv(out / "comparison.csv", csv_rows)
     _write_csv(out / "paired.csv", paired)
     plots = _comparison_plots(evals, out, pretrain_runs)
     lines = ["# Comparison of initialisations", "",
-             "Balanced accuracy on the test set: mean ± std over trials [95% CI of the trial mean].", "",
-             comparison_md, "## Paired comparisons (same test images)", ""]
+             "Balanced accuracy on the test set: mean ± std over trials [95% CI of the trial mean, two-stage "
+             "bootstrap over the trials and the test clusters named in each column header: it covers test-set "
+             "sampling and label-subset variation].", "",
+             comparison_md, "## Paired comparisons (same test images)", "",
+             f"p: two-sided paired bootstrap p-value at its resolution; Holm-adjusted over the {len(paired)} "
+             "comparisons of this report (family-wise error rate).", ""]
     lines += [paired_line(r) for r in paired] or ["(no two evaluations share a dataset and label fraction)"]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     lines += ["", "## Definitions", "", f"- **CI**: {BOOTSTRAP_DEFINITION}", f"- **paired**: {PAIRED_DEFINITION}"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _column_unit(cells: dict[tuple[str, str, float], dict], dataset: str, fraction: float) -> str:
+    """``CI unit: patient_id, 24 clusters`` of a table column (``/``-joined where evaluations differ)."""
+    found = dict.fromkeys(f"{b['interval']['unit']}, {b['interval']['n_clusters']} clusters"
+                          for (_, d, f), b in cells.items() if d == dataset and f == fraction)
+    return "CI unit: " + " / ".join(found)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

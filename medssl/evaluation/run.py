@@ -20,8 +20,19 @@ import torch
 from torch import nn
 
 from medssl.errors import MedsslError
-from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION
-from medssl.evaluation.features import NormalizedBackbone, cached_features, module_sha256
+from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION, CLUSTER_BY_CHOICES
+from medssl.evaluation.checks import (
+    DEGENERATE_DEFINITION,
+    check_degenerate,
+    require_finite,
+    single_class_predictions,
+)
+from medssl.evaluation.features import (
+    NormalizedBackbone,
+    load_or_compute_features,
+    module_sha256,
+    store_features,
+)
 from medssl.evaluation.fractions import FRACTIONS_DEFINITION, label_fraction_subsets
 from medssl.evaluation.losses import LOSS_DEFINITIONS, LOSS_KINDS
 from medssl.evaluation.metrics import METRIC_DEFINITIONS
@@ -33,7 +44,14 @@ from medssl.evaluation.predictions import (
     summarize_predictions,
     write_predictions,
 )
-from medssl.evaluation.setup import EvalData, load_backbone, load_eval_data
+from medssl.evaluation.setup import (
+    EvalData,
+    load_backbone,
+    load_eval_data,
+    prepare_norm,
+    recalibrate_backbone,
+    resolve_input_settings,
+)
 from medssl.io import atomic_write_json
 from medssl.models import InputNormalization
 
@@ -51,9 +69,13 @@ class EvalConfig:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     fractions: list[float] = field(default_factory=lambda: [1.0])
     trials: int = 3
-    modality: str = "generic"
-    image_size: int = 64
+    modality: str | None = None  # None: the backbone's pretraining preset (provenance), else required
+    image_size: int | None = None  # None: the backbone's pretraining image size (provenance), else required
     batch_size: int = 64
+    norm: str = "keep"  # "bn": GroupNorm -> BatchNorm (Lu et al.), statistics recalibrated on the train images
+    recalibrate_bn: bool = False  # estimate BatchNorm statistics on the train images (implied by norm="bn")
+    recalibrate_batches: int | None = None  # given: recalibrate on N batches; None: one pass over the train
+    # split (torch.optim.swa_utils.update_bn) when recalibrating
     epochs: int | None = None  # linear 100, finetune 20
     loss: str = "focal"
     gamma: float = 4.0
@@ -63,6 +85,7 @@ class EvalConfig:
     temperature: float = 0.07
     seed: int = 0
     bootstrap: int = 1000
+    cluster_by: str = "auto"  # bootstrap unit: auto = lesion_id if present, else patient_id, else image
     name: str | None = None
     device: str = "cpu"
     num_workers: int = 0
@@ -72,7 +95,10 @@ class EvalConfig:
             raise MedsslError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if self.loss not in LOSS_KINDS:
             raise MedsslError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_KINDS)}")
-        if self.trials < 1 or self.bootstrap < 1000 or self.image_size < 8:
+        if self.cluster_by not in CLUSTER_BY_CHOICES:
+            raise MedsslError(f"unknown --cluster-by {self.cluster_by!r}; choose one of "
+                              f"{', '.join(CLUSTER_BY_CHOICES)}")
+        if self.trials < 1 or self.bootstrap < 1000 or (self.image_size is not None and self.image_size < 8):
             raise MedsslError("need --trials >= 1, --bootstrap >= 1000 and --image-size >= 8")
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise MedsslError(f"label fractions must lie in (0, 1], got {self.fractions}")
@@ -136,29 +162,49 @@ def run_evaluation(
             ``medssl.transforms.presets.build_eval_transform(modality, image_size)``.
         transform_desc: text identifying a custom transform in the feature-cache key.
         **options: fields of :class:`EvalConfig`.
+
+    Nothing is written to ``out`` until every check has passed and every prediction is made: degenerate
+    splits (:mod:`medssl.evaluation.checks`), uncalibrated BatchNorm statistics, missing image size/preset and
+    non-finite features stop with a one-line error and leave ``out`` untouched.
     """
     cfg = EvalConfig(**options)
     cfg.validate()
     resolved = cfg.resolved()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    eval_data = load_eval_data(data, records=records, seed=cfg.seed)
+    eval_data = load_eval_data(data, records=records, seed=cfg.seed,
+                               cluster_by=None if cfg.cluster_by == "auto" else cfg.cluster_by)
+    degenerate, degenerate_notes = check_degenerate(
+        eval_data.classes, {s: getattr(eval_data, s) for s in ("train", "val", "test")}, data)
+    eval_data.notes.extend(degenerate_notes)
     loaded = load_backbone(backbone, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs, seed=cfg.seed, trust=trust,
                            input_normalization=input_normalization)
+    norm_record = prepare_norm(loaded, norm=cfg.norm, protocol=cfg.protocol,
+                               recalibrate=cfg.recalibrate_bn or cfg.recalibrate_batches is not None)
+    settings = resolve_input_settings(loaded, image_size=cfg.image_size, modality=cfg.modality,
+                                      custom_transform=transform is not None)
+    resolved["image_size"], resolved["modality"] = settings["image_size"]["value"], settings["modality"]["value"]
     if transform is None:
         from medssl.transforms.presets import build_eval_transform
 
-        transform = build_eval_transform(cfg.modality, cfg.image_size)
-        transform_desc = f"build_eval_transform({cfg.modality!r}, {cfg.image_size})"
+        transform = build_eval_transform(resolved["modality"], resolved["image_size"])
+        transform_desc = f"build_eval_transform({resolved['modality']!r}, {resolved['image_size']})"
     transform_desc = transform_desc or repr(transform)
     labelled_transform = IndexedLabels(transform, eval_data.classes)
+    if norm_record["recalibrate"]:
+        norm_record["recalibration"] = recalibrate_backbone(
+            loaded, eval_data.train, labelled_transform, num_batches=cfg.recalibrate_batches,
+            batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, num_workers=cfg.num_workers)
+        norm_record["bn_statistics"] = "recalibrated"
     log.info("evaluating %s on %s: %d train / %d val / %d test, classes %s", loaded.info.get("source"),
              eval_data.dataset, len(eval_data.train), len(eval_data.val), len(eval_data.test), eval_data.classes)
     runner = _run_finetune if cfg.protocol == "finetune" else _run_frozen
     table, test_embeddings, extra = runner(eval_data, loaded, labelled_transform, transform_desc, resolved, out)
+    summary = summarize_predictions(table, n_resamples=cfg.bootstrap, seed=cfg.seed, cluster_by=cfg.cluster_by)
+    degenerate["single_class_predictions"], single_notes = single_class_predictions(summary, eval_data.classes)
+    eval_data.notes.extend(single_notes)
+    extra.pop("store_features", lambda: None)()  # frozen features go to cache/ once all checks have passed
     write_predictions(out / "predictions.csv", table)
-    summary = summarize_predictions(table, n_resamples=cfg.bootstrap, seed=cfg.seed)
     plots = _write_plots(out, eval_data, table, summary, test_embeddings, cfg)
     results = {
         "name": cfg.name or _default_name(loaded.info),
@@ -168,14 +214,19 @@ def run_evaluation(
         "data": {"dataset": eval_data.dataset, "manifest_sha256": eval_data.manifest_sha256,
                  "classes": eval_data.classes,
                  "split_sizes": {s: len(getattr(eval_data, s)) for s in ("train", "val", "test")},
-                 "transform": transform_desc, "notes": eval_data.notes},
-        "backbone": {**loaded.info, "input_normalization": loaded.input_normalization},
+                 "transform": transform_desc, "notes": eval_data.notes, **degenerate},
+        "input_settings": settings,
+        "backbone": {**loaded.info, "input_normalization": loaded.input_normalization, "norm": norm_record},
         "definitions": {**METRIC_DEFINITIONS, **SUMMARY_DEFINITIONS, "bootstrap": BOOTSTRAP_DEFINITION,
                         "fractions": FRACTIONS_DEFINITION, "loss": LOSS_DEFINITIONS[cfg.loss],
                         "n_train": "labelled training images of the trial's label-fraction subset",
                         "best_epoch": "epoch (1-based) whose weights had the best validation balanced accuracy",
                         "val_balanced_accuracy": "balanced accuracy on the val split of the selected model",
                         "n": "test images scored", "n_test": "test images scored",
+                        "degenerate": DEGENERATE_DEFINITION,
+                        "input_settings": "image size, preset (modality) and input normalisation used, each with "
+                                          "its source: given, the checkpoint's pretraining provenance or metadata, "
+                                          "or a default",
                         **extra.pop("definitions", {})},
         "results": _merge_training_records(summary, extra.get("training", {})),
         "plots": plots,
@@ -211,13 +262,17 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
     for p in extractor.parameters():
         p.requires_grad_(False)
     model_hash = module_sha256(extractor)
-    feats = {
-        split: cached_features(extractor, getattr(data, split), transform, cache_dir=out / "cache",
-                               model_hash=model_hash, manifest_hash=data.manifest_sha256,
-                               transform_desc=transform_desc, batch_size=cfg["batch_size"],
-                               device=cfg["device"], num_workers=cfg["num_workers"], desc=f"{split} features")
+    arrays = {
+        split: load_or_compute_features(extractor, getattr(data, split), transform, cache_dir=out / "cache",
+                                        model_hash=model_hash, manifest_hash=data.manifest_sha256,
+                                        transform_desc=transform_desc, batch_size=cfg["batch_size"],
+                                        device=cfg["device"], num_workers=cfg["num_workers"],
+                                        desc=f"{split} features")
         for split in ("train", "val", "test")
     }
+    for split, array in arrays.items():
+        require_finite(array.feats, f"{split} features", loaded.info)
+    feats = {split: array.feats for split, array in arrays.items()}
     labels = {s: np.asarray(data.labels(s), dtype=np.int64) for s in ("train", "val", "test")}
     k = len(data.classes)
     subsets = label_fraction_subsets(data.train, cfg["fractions"], cfg["trials"], seed=cfg["seed"])
@@ -234,7 +289,7 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
         else:
             probe = train_linear_probe(x, y, feats["val"], labels["val"], k, loss=cfg["loss"], gamma=cfg["gamma"],
                                        epochs=cfg["epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                                       batch_size=max(cfg["batch_size"], 256), seed=cfg["seed"] + 1000 * trial)
+                                       batch_size=cfg["batch_size"], seed=cfg["seed"] + 1000 * trial)
             probs = probe.predict_proba(feats["test"])
             record.update(best_epoch=probe.best_epoch, val_balanced_accuracy=probe.best_val_balanced_accuracy)
         training[(trial, float(fraction))] = record
@@ -244,7 +299,12 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
                    "validation balanced accuracy is tested once"}
     from medssl.evaluation.predictions import concat_tables
 
-    return concat_tables(tables), feats["test"], {"training": training, "definitions": definitions}
+    def store() -> None:
+        for array in arrays.values():
+            store_features(array, out / "cache")
+
+    return concat_tables(tables), feats["test"], {"training": training, "definitions": definitions,
+                                                  "store_features": store}
 
 
 def _run_finetune(data: EvalData, loaded: Any, transform: IndexedLabels, transform_desc: str,

@@ -16,7 +16,7 @@ from medssl.methods.base import HEAD_NAMES, SSLMethod
 from medssl.methods.byol import BYOL, byol_loss, cosine_tau, ema_update_
 from medssl.methods.simclr import SimCLR, nt_xent_loss
 from medssl.methods.simsiam import SimSiam, simsiam_loss
-from medssl.methods.swav import SwAV, sinkhorn_knopp, swav_loss
+from medssl.methods.swav import SwAV, sinkhorn_knopp, swav_loss, swav_schedule
 
 #: method name -> class
 METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR, "swav": SwAV, "byol": BYOL, "simsiam": SimSiam}
@@ -74,4 +74,5 @@ __all__ = [
     "simsiam_loss",
     "sinkhorn_knopp",
     "swav_loss",
+    "swav_schedule",
 ]

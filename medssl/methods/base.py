@@ -3,14 +3,17 @@
 A method is an ``nn.Module`` that owns the backbone, its heads and (for BYOL) a target network. The training
 engine calls, per optimizer step::
 
+    method.configure_run(steps_per_epoch=..., global_batch_size=..., max_iterations=...)   # once, at start
     out = method(views)                    # {"loss": scalar, "embeddings": (N, D) detached, ...}
     out["loss"].backward()
     method.on_before_optimizer_step(iteration)
-    optimizer.step()
-    logs = method.on_after_optimizer_step(iteration, max_iterations)
+    optimizer.step()                       # may be skipped (fp16 GradScaler found inf/NaN gradients) ...
+    logs = method.on_after_optimizer_step(iteration, max_iterations)   # ... and then this is not called
 
 ``iteration`` is the 1-based number of the optimizer step being taken (Ignite's ``engine.state.iteration``
-inside the process function): the first step is 1, the last is ``max_iterations``.
+inside the process function): the first step is 1, the last is ``max_iterations``. A step the optimizer
+skips gets no ``on_after_optimizer_step``: EMA updates, step counters and re-normalisations only follow
+steps that changed the weights.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class SSLMethod(nn.Module, abc.ABC):
 
     name: str = ""
     views_required: int = 2
+    #: weight decay on every parameter (SimSiam's code) instead of only on weight matrices / conv kernels
+    decay_all_parameters: bool = False
+    #: view pipelines the engine builds (``medssl.transforms.presets.VIEW_RECIPES``): ``"symmetric"`` (every view
+    #: the modality preset) or ``"byol"`` (BYOL's asymmetric blur/solarize pair)
+    view_recipe: str = "symmetric"
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -62,6 +70,13 @@ class SSLMethod(nn.Module, abc.ABC):
             ``{"loss": scalar tensor, "embeddings": (N, D) detached embeddings of the first view}`` and
             possibly further entries.
         """
+
+    def configure_run(self, *, steps_per_epoch: int, global_batch_size: int,
+                      max_iterations: int | None = None) -> dict[str, Any]:
+        """Called once before training with the run's real steps per epoch, global batch (images per optimizer
+        step over all processes) and length, so epoch-based knobs become steps (SwAV). Returns the resolved
+        schedule to record (JSON-safe). Default: nothing to convert, ``{}``."""
+        return {}
 
     def on_before_optimizer_step(self, iteration: int) -> None:
         """Called after ``backward`` and before ``optimizer.step()`` (gradient surgery). Default: nothing."""
@@ -93,7 +108,9 @@ class SSLMethod(nn.Module, abc.ABC):
         """Optimizer parameter groups.
 
         Parameters with ``ndim <= 1`` (biases, norm gammas/betas) get ``weight_decay=0`` and
-        ``"exclude_from_lars": True``; the rest get ``weight_decay``. Submodules listed by
+        ``"exclude_from_lars": True`` (SimCLR, BYOL, SwAV); the rest get ``weight_decay``. Methods with
+        :attr:`decay_all_parameters` (SimSiam, whose code decays every parameter) give ``weight_decay`` to the
+        1-D parameters too; they stay ``exclude_from_lars``. Submodules listed by
         :meth:`_fixed_lr_modules` form their own groups flagged ``"fixed_lr": True`` (the scheduler must leave
         their lr at its initial value). Parameters that do not require grad (target networks) are left out.
         Every group carries ``name``, ``lr``, ``weight_decay``, ``exclude_from_lars`` and ``fixed_lr``; empty
@@ -111,13 +128,15 @@ class SSLMethod(nn.Module, abc.ABC):
         buckets += self._split_decay("main", False, self.parameters(), seen, frozen)
         groups = []
         for name, fixed, params in buckets:
-            no_decay = name.endswith("no_decay")
+            one_d = name.endswith("no_decay")
+            if one_d and self.decay_all_parameters:
+                name = name[: -len("no_decay")] + "1d_decay"
             groups.append({
                 "name": name,
                 "params": params,
                 "lr": lr,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "exclude_from_lars": no_decay,
+                "weight_decay": weight_decay if self.decay_all_parameters or not one_d else 0.0,
+                "exclude_from_lars": one_d,
                 "fixed_lr": fixed,
             })
         return groups

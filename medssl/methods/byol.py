@@ -1,8 +1,8 @@
 """BYOL (Grill et al. 2020): online network + predictor regress an EMA target network's projections.
 
-Defaults (DESIGN.md §5): projector 4096-256, predictor 4096-256 (both Linear-BN-ReLU-Linear), symmetrised
-loss ``2 - 2 cos(q, z')``, target = exponential moving average of the online backbone + projector with
-``tau`` rising from 0.996 to 1 on a cosine schedule over the run.
+Defaults (BYOL paper, Grill et al. 2020, Sec. 3.3): projector 4096-256, predictor 4096-256 (both
+Linear-BN-ReLU-Linear), symmetrised loss ``2 - 2 cos(q, z')``, target = exponential moving average of the
+online backbone + projector with ``tau`` rising from 0.996 to 1 on a cosine schedule over the run.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class BYOL(SSLMethod):
 
     name = "byol"
     views_required = 2
+    view_recipe = "byol"  # view 1: blur p 1.0, no solarize; view 2: blur p 0.1, solarize p 0.2 (BYOL, Table 6)
 
     def __init__(
         self,

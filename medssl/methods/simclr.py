@@ -1,7 +1,8 @@
 """SimCLR (Chen et al. 2020): NT-Xent over cosine similarities with an MLP projector.
 
-Defaults (DESIGN.md §5): projector 2048-2048-128 with BatchNorm + ReLU, temperature 0.1 (0.5 is often better
-for small batches). With several processes the negatives come from every rank (see :func:`nt_xent_loss`).
+Defaults (SimCLR paper, Chen et al. 2020, Sec. 2.3 and Table 5): projector 2048-2048-128 with BatchNorm +
+ReLU, temperature 0.1 (0.5 is often better for small batches). With several processes the negatives come from
+every rank (see :func:`nt_xent_loss`).
 """
 
 from __future__ import annotations

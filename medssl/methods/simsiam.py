@@ -1,8 +1,10 @@
 """SimSiam (Chen & He 2021): symmetrised negative cosine with a stop-gradient, no negatives, no EMA.
 
-Defaults (DESIGN.md §5): projector of 3 layers of width 2048 (Linear-BN-ReLU x2, Linear, BatchNorm without
-affine parameters; hidden Linears without bias), predictor 2048-512-2048 (bottleneck), predictor trained with a
-fixed learning rate (its parameter groups carry ``"fixed_lr": True``).
+Defaults (SimSiam paper, Chen & He 2021, Sec. 3 and 4.2): projector of 3 layers of width 2048 (Linear-BN-ReLU
+x2, Linear, BatchNorm without affine parameters; hidden Linears without bias), predictor 2048-512-2048
+(bottleneck), predictor trained with a fixed learning rate (its parameter groups carry ``"fixed_lr": True``),
+weight decay on every parameter, biases and BatchNorm weights included (the SimSiam code, ``main_simsiam.py``,
+passes ``weight_decay`` to SGD for all parameters).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class SimSiam(SSLMethod):
 
     name = "simsiam"
     views_required = 2
+    decay_all_parameters = True
 
     def __init__(
         self,

@@ -1,12 +1,25 @@
 """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn-Knopp cluster assignments, with multi-crop.
 
-Defaults (DESIGN.md §5): projector 2048-2048-128, 3000 prototypes kept L2-normalised and frozen during the
-first iterations, Sinkhorn eps 0.05 with 3 iterations, temperature 0.1, assignments computed on the two global
-crops, optional queue of past embeddings for small batches, multi-crop 2 global + 6 local views.
+Defaults (SwAV paper, Caron et al. 2020, and its code): projector 2048-2048-128, 3000 prototypes kept
+L2-normalised and frozen during the first epoch, Sinkhorn eps 0.05 with 3 iterations, temperature 0.1,
+assignments computed on the two global crops, a queue of past embeddings for small batches, multi-crop
+2 global + 6 local views.
+
+Schedules in epochs, as the SwAV code (``main_swav.py``) and its published recipes set them, converted to
+optimizer steps with the run's real steps per epoch by :meth:`SwAV.configure_run` (the training engine calls it):
+
+- prototypes frozen for ``freeze_prototypes_epochs`` (default 1): the recipes' ``--freeze_prototypes_niters``
+  is one ImageNet epoch at their batch (313 steps at batch 4096, 5005 at batch 256);
+- queue filled from epoch ``epoch_queue_starts`` (0-based, i.e. after that many epochs; code default 15) and
+  used once full; length ``queue_length`` embeddings over all ranks, rounded down to a multiple of the global
+  batch as the SwAV code does. Default (``None``): on for global batches below 256 (the paper's advice for
+  small batches; its batch-256 recipes use 3840), with ``min(3840, one epoch's images)``, so that the queue
+  never holds two stale embeddings of one image; off for larger batches. ``queue_length=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -105,8 +118,72 @@ def swav_loss(
     return total / len(crops_for_assign)
 
 
+logger = logging.getLogger("medssl.methods.swav")
+
+#: global batches below this get a queue by default (SwAV paper: a queue for small batches; its batch-256
+#: recipes use one)
+SMALL_BATCH = 256
+#: queue length of the SwAV code's batch-256 recipes (``--queue_length 3840``, 15 batches of 256)
+DEFAULT_QUEUE_LENGTH = 3840
+
+
+def swav_schedule(*, steps_per_epoch: int, global_batch_size: int, freeze_prototypes_epochs: float = 1.0,
+                  epoch_queue_starts: int = 15, queue_length: int | None = None) -> dict[str, Any]:
+    """SwAV's epoch-based knobs converted to optimizer steps for one run.
+
+    - ``freeze_prototypes_steps = round(freeze_prototypes_epochs * steps_per_epoch)``: optimizer steps
+      1..N take no prototype gradient;
+    - ``queue_start_step = epoch_queue_starts * steps_per_epoch``: the queue is filled from the step after
+      this many steps (the first step of 0-based epoch ``epoch_queue_starts``, as in ``main_swav.py``);
+    - ``queue_length``: ``None`` -> ``min(3840, steps_per_epoch * global_batch_size)`` when
+      ``global_batch_size < 256``, else 0; then rounded down to a multiple of ``global_batch_size``
+      (``main_swav.py``: ``queue_length -= queue_length % (batch_size * world_size)``).
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch of the run (>= 1).
+        global_batch_size: images per optimizer step over all processes (>= 1).
+        freeze_prototypes_epochs: epochs (may be fractional) with frozen prototypes (>= 0).
+        epoch_queue_starts: epochs done before the queue starts (>= 0).
+        queue_length: embeddings in the queue over all ranks; 0 = no queue; None = the default above.
+
+    Returns:
+        ``{"steps_per_epoch", "global_batch_size", "freeze_prototypes_epochs", "freeze_prototypes_steps",
+        "epoch_queue_starts", "queue_start_step", "queue_length", "queue_length_requested"}`` (JSON-safe).
+
+    Raises:
+        MedsslError: negative or non-integer knobs.
+    """
+    if steps_per_epoch < 1 or global_batch_size < 1:
+        raise MedsslError(f"SwAV needs steps_per_epoch >= 1 and global_batch_size >= 1, got {steps_per_epoch}, "
+                          f"{global_batch_size}")
+    if not freeze_prototypes_epochs >= 0:
+        raise MedsslError(f"freeze_prototypes_epochs must be >= 0, got {freeze_prototypes_epochs}")
+    if int(epoch_queue_starts) != epoch_queue_starts or epoch_queue_starts < 0:
+        raise MedsslError(f"epoch_queue_starts must be a whole number >= 0, got {epoch_queue_starts}")
+    if queue_length is not None and (int(queue_length) != queue_length or queue_length < 0):
+        raise MedsslError(f"queue_length must be a whole number >= 0 (0 = no queue), got {queue_length}")
+    length = queue_length
+    if length is None:
+        length = min(DEFAULT_QUEUE_LENGTH, steps_per_epoch * global_batch_size) \
+            if global_batch_size < SMALL_BATCH else 0
+    length = int(length) - int(length) % global_batch_size
+    return {
+        "steps_per_epoch": int(steps_per_epoch),
+        "global_batch_size": int(global_batch_size),
+        "freeze_prototypes_epochs": float(freeze_prototypes_epochs),
+        "freeze_prototypes_steps": int(round(freeze_prototypes_epochs * steps_per_epoch)),
+        "epoch_queue_starts": int(epoch_queue_starts),
+        "queue_start_step": int(epoch_queue_starts) * int(steps_per_epoch),
+        "queue_length": length,
+        "queue_length_requested": None if queue_length is None else int(queue_length),
+    }
+
+
 class SwAV(SSLMethod):
-    """SwAV with multi-crop, prototype freezing and an optional queue.
+    """SwAV with multi-crop, prototype freezing and a queue; freezing and queue start are set in epochs.
+
+    Call :meth:`configure_run` with the run's steps per epoch and global batch before training (the engine
+    does); until then a training forward or step raises :class:`MedsslError`.
 
     Args:
         backbone: a medssl backbone.
@@ -116,17 +193,20 @@ class SwAV(SSLMethod):
         temperature: softmax temperature. Default 0.1.
         sinkhorn_eps: Sinkhorn regularisation. Default 0.05.
         sinkhorn_iterations: Sinkhorn rounds. Default 3.
-        freeze_prototypes_iterations: prototype gradients are dropped for steps 1..N (SwAV freezes them for
-            the first epoch; 313 is its value for batch 4096 on ImageNet: set one epoch's steps). Default 313.
+        freeze_prototypes_epochs: the prototypes take no gradient during the first this many epochs (may be
+            fractional). Default 1: the SwAV recipes freeze them for one ImageNet epoch
+            (``--freeze_prototypes_niters`` 313 at batch 4096, 5005 at batch 256).
         num_local_crops: local (small) views after the 2 global ones; ``views_required = 2 + num_local_crops``.
             Default 6.
         local_crop_size: side in pixels of the local crops, read by the training engine when it builds the
             multi-crop transform (the method itself accepts any size); None leaves the engine's default.
         crops_for_assign: views whose Sinkhorn assignments are predicted. Default (0, 1).
-        queue_length: total queue length over all ranks (0 = no queue); each rank keeps
-            ``queue_length // world_size`` past embeddings per assigned crop. Default 0.
-        queue_start_iteration: the queue is filled and used once this many steps are done (for a start epoch
-            e, pass e * steps_per_epoch). It enters the Sinkhorn scores only once full. Default 0.
+        queue_length: total queue length (embeddings per assigned crop) over all ranks; 0 = no queue; None
+            (default) = on for global batches below 256 with ``min(3840, one epoch's images)`` (3840: the SwAV
+            batch-256 recipes), see :func:`swav_schedule`. Rounded down to a multiple of the global batch; each
+            rank keeps ``queue_length // world_size``.
+        epoch_queue_starts: epochs done before the queue is filled (SwAV code default 15); it enters the
+            Sinkhorn scores only once full.
         heads: heads from an imported checkpoint; ``projector`` and ``prototypes`` are used when present.
         heads_source: the checkpoint path, for error messages.
     """
@@ -143,12 +223,12 @@ class SwAV(SSLMethod):
         temperature: float = 0.1,
         sinkhorn_eps: float = 0.05,
         sinkhorn_iterations: int = 3,
-        freeze_prototypes_iterations: int = 313,
+        freeze_prototypes_epochs: float = 1.0,
         num_local_crops: int = 6,
         local_crop_size: int | None = None,
         crops_for_assign: Sequence[int] = (0, 1),
-        queue_length: int = 0,
-        queue_start_iteration: int = 0,
+        queue_length: int | None = None,
+        epoch_queue_starts: int = 15,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         heads_source: str | None = None,
     ) -> None:
@@ -169,12 +249,55 @@ class SwAV(SSLMethod):
         self.temperature = float(temperature)
         self.sinkhorn_eps = float(sinkhorn_eps)
         self.sinkhorn_iterations = int(sinkhorn_iterations)
-        self.freeze_prototypes_iterations = int(freeze_prototypes_iterations)
-        self.queue_length = int(queue_length)
-        self.queue_start_iteration = int(queue_start_iteration)
-        self.steps_done = 0
+        self.freeze_prototypes_epochs = float(freeze_prototypes_epochs)
+        self.epoch_queue_starts = epoch_queue_starts
+        self.requested_queue_length = queue_length
+        # checked now, converted to steps by configure_run
+        swav_schedule(steps_per_epoch=1, global_batch_size=1, freeze_prototypes_epochs=self.freeze_prototypes_epochs,
+                      epoch_queue_starts=epoch_queue_starts, queue_length=queue_length)
+        self.schedule: dict[str, Any] | None = None
+        self.steps_done = 0  # optimizer steps actually taken (skipped fp16 steps do not count)
         self.queue: torch.Tensor | None = None  # (len(crops_for_assign), L, D), kept out of state_dict
         self.queue_filled = 0
+
+    def configure_run(self, *, steps_per_epoch: int, global_batch_size: int,
+                      max_iterations: int | None = None) -> dict[str, Any]:
+        """Convert the epoch knobs to steps (:func:`swav_schedule`), log them and return them."""
+        schedule = swav_schedule(steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
+                                 freeze_prototypes_epochs=self.freeze_prototypes_epochs,
+                                 epoch_queue_starts=self.epoch_queue_starts,
+                                 queue_length=self.requested_queue_length)
+        self.schedule = schedule
+        logger.info("SwAV: prototypes frozen for %g epoch(s) = steps 1-%d (%d steps per epoch)",
+                    schedule["freeze_prototypes_epochs"], schedule["freeze_prototypes_steps"], steps_per_epoch)
+        if schedule["queue_length"] > 0:
+            start = schedule["queue_start_step"]
+            logger.info("SwAV queue: %d embeddings (global batch %d), filled after %d epoch(s) from step %d, "
+                        "used once full", schedule["queue_length"], global_batch_size,
+                        schedule["epoch_queue_starts"], start + 1)
+            if max_iterations is not None and start >= max_iterations:
+                logger.warning("SwAV queue starts at step %d, after the run's last step %d: it is never used",
+                               start + 1, max_iterations)
+        elif self.requested_queue_length:
+            logger.warning("SwAV queue off: queue_length %d rounds down to 0 at global batch %d",
+                           self.requested_queue_length, global_batch_size)
+        elif self.requested_queue_length is None:
+            logger.info("SwAV queue off: global batch %d >= %d (set queue_length to use one)", global_batch_size,
+                        SMALL_BATCH)
+        else:
+            logger.info("SwAV queue off (queue_length 0)")
+        return dict(schedule)
+
+    def _configured(self) -> dict[str, Any]:
+        if self.schedule is None:
+            raise MedsslError("SwAV's prototype freezing and queue are set in epochs: call "
+                              "configure_run(steps_per_epoch=..., global_batch_size=...) before training")
+        return self.schedule
+
+    @property
+    def queue_length(self) -> int:
+        """Resolved queue length over all ranks (0 until :meth:`configure_run` or when off)."""
+        return 0 if self.schedule is None else int(self.schedule["queue_length"])
 
     # -- forward -------------------------------------------------------------------------------------
     def _embed(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -189,7 +312,10 @@ class SwAV(SSLMethod):
         return F.normalize(self.projector(torch.cat(feats)), dim=1)
 
     def _queue_active(self) -> bool:
-        return self.training and self.queue_length > 0 and self.steps_done >= self.queue_start_iteration
+        if not self.training:
+            return False
+        schedule = self._configured()
+        return schedule["queue_length"] > 0 and self.steps_done >= schedule["queue_start_step"]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """V views (globals first) -> ``{"loss", "embeddings": normalised projections of view 1 (B, D)}``."""
@@ -221,15 +347,17 @@ class SwAV(SSLMethod):
 
     # -- hooks ---------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, iteration: int) -> None:
-        """Drop the prototypes' gradient during steps 1..``freeze_prototypes_iterations``."""
-        if iteration <= self.freeze_prototypes_iterations:
+        """Drop the prototypes' gradient while fewer than ``freeze_prototypes_steps`` steps are done."""
+        if self.steps_done < self._configured()["freeze_prototypes_steps"]:
             self.prototypes.weight.grad = None
 
     def on_after_optimizer_step(self, iteration: int, max_iterations: int) -> dict[str, float]:
-        """Re-normalise the prototypes and record the step count (drives the queue start)."""
-        self.prototypes.normalize_()
-        self.steps_done = int(iteration)
-        return {}
+        """Count the step taken (drives freezing and the queue start) and re-normalise the prototypes after a
+        step that updated them (during the freeze they are untouched, hence still unit-norm)."""
+        self.steps_done += 1
+        if self.steps_done > self._configured()["freeze_prototypes_steps"]:
+            self.prototypes.normalize_()
+        return {"queue_filled": float(self.queue_filled)} if self.queue_length > 0 else {}
 
     def extra_state(self) -> dict[str, Any]:
         """``{"steps_done", "queue" (tensor on CPU or None), "queue_filled"}`` of this rank."""

@@ -3,7 +3,7 @@
 MONAI's ``ResNet`` built with ``spatial_dims=2, shortcut_type='B', bias_downsample=False, conv1_t_stride=2``
 has exactly torchvision's module tree (``conv1``, ``bn1``, ``layer{1-4}.{i}.conv{1,2,3}/bn{1,2,3}``,
 ``layer{k}.0.downsample.{0,1}``, ``fc``) and the v1.5 placement of the stride on the 3x3 conv, so a
-torchvision state_dict loads with ``strict=True`` and gives the same logits (checked, DESIGN.md §3).
+torchvision state_dict loads with ``strict=True`` and gives the same logits (checked in tests/test_models.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Parameter names follow timm's ``resnetv2_50x1_bit``: ``stem.conv``, ``stages.{s}.blocks.{j}.{norm1, conv1,
 norm2, conv2, norm3, conv3}``, ``stages.{s}.blocks.0.downsample.conv``, final ``norm`` and ``head.fc`` (a 1x1
-conv). Unit (DESIGN.md §4): ``out = relu(norm1(x))``; shortcut = ``downsample(out)`` on the first unit of a
+conv). Unit (BiT, Kolesnikov et al., *Big Transfer*): ``out = relu(norm1(x))``; shortcut = ``downsample(out)`` on the first unit of a
 stage, else ``x``; conv1 (1x1) -> relu(norm2) -> conv2 (3x3, carries the stride) -> relu(norm3) -> conv3 (1x1);
 add the shortcut, no ReLU after. Root: StdConv 7x7/2 pad 3, ConstantPad(1) + MaxPool(3, stride 2).
 """

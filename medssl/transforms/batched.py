@@ -27,6 +27,7 @@ from medssl.transforms.presets import (
     build_eval_transform,
     get_spec,
     multicrop_options,
+    view_specs,
 )
 from medssl.transforms.ssl import blur_kernel_size
 
@@ -69,22 +70,24 @@ class BatchedSSLAugment(nn.Module):
         multicrop: SwAV local crops as in :func:`~medssl.transforms.presets.build_ssl_transform` (int count or
             options dict); local views of ``local_size`` px follow the global ones, and the global views then
             use ``global_scale``.
+        view_recipe: ``"symmetric"`` (default) or ``"byol"`` (BYOL's asymmetric pair, as the per-sample path;
+            :func:`~medssl.transforms.presets.view_specs`).
     """
 
     def __init__(self, modality: str, image_size: int, num_views: int = 2,
-                 multicrop: int | Mapping[str, Any] | None = None) -> None:
+                 multicrop: int | Mapping[str, Any] | None = None, view_recipe: str | None = None) -> None:
         super().__init__()
         if num_views < 1:
             raise ValueError("num_views must be >= 1")
         spec = get_spec(modality)
         if multicrop:
             opts = multicrop_options(multicrop, image_size)
-            global_spec = replace(spec, crop_scale=tuple(opts["global_scale"]))
+            global_specs = view_specs(replace(spec, crop_scale=tuple(opts["global_scale"])), num_views, view_recipe)
             local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
-            views = [build_kornia_view(global_spec, image_size) for _ in range(num_views)]
+            views = [build_kornia_view(s, image_size) for s in global_specs]
             views += [build_kornia_view(local_spec, int(opts["local_size"])) for _ in range(int(opts["num_local"]))]
         else:
-            views = [build_kornia_view(spec, image_size) for _ in range(num_views)]
+            views = [build_kornia_view(s, image_size) for s in view_specs(spec, num_views, view_recipe)]
         self.views = nn.ModuleList(views)
 
     @torch.no_grad()

@@ -32,6 +32,13 @@ Preset choices (:data:`MODALITIES`), each a :class:`AugmentSpec`:
   camera colour vary widely; Azizi et al. 2021 and ISIC practice), rot90 + both flips (no canonical orientation
   of a dermoscopic image), blur p 0.5.
 
+BYOL (Grill et al. 2020, App. B, Table 6) uses an asymmetric pair of views, built from the preset by
+:func:`view_specs` with ``view_recipe="byol"``: view 1 blur p 1.0 and solarize p 0, view 2 blur p 0.1 and
+solarize p 0.2; colour jitter strengths ``min(preset, BYOL)`` with BYOL's (0.4, 0.4, 0.2, 0.1), so colour
+presets get BYOL's jitter (histology keeps its smaller hue shift) and grayscale presets keep brightness/contrast
+only. Crops, flips, rotations, grayscale and blur sigma stay the preset's. Other methods use the preset as is
+for every view.
+
 Multi-crop (SwAV, Caron et al. 2020): ``multicrop=6`` or ``{"num_local": 6, "local_size": ..., "global_scale":
 (0.14, 1), "local_scale": (0.05, 0.14)}`` adds local views of ``round(image_size * 96 / 224)`` px after the
 ``num_views`` global views.
@@ -98,6 +105,37 @@ MODALITIES: dict[str, AugmentSpec] = {
 }
 
 
+#: view recipes: ``symmetric`` (every view the preset; SimCLR, SwAV, SimSiam) and ``byol`` (asymmetric pair)
+VIEW_RECIPES = ("symmetric", "byol")
+#: BYOL's per-view blur / solarize probabilities (Grill et al. 2020, Table 6: T and T')
+BYOL_VIEW_PROBABILITIES = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
+#: BYOL's colour jitter strengths (brightness, contrast, saturation, hue), p 0.8 as the presets
+BYOL_JITTER = (0.4, 0.4, 0.2, 0.1)
+
+
+def byol_view_specs(spec: AugmentSpec) -> tuple[AugmentSpec, AugmentSpec]:
+    """BYOL's two view specs from a preset: per-view blur/solarize of :data:`BYOL_VIEW_PROBABILITIES` and jitter
+    ``min(preset strength, BYOL_JITTER)`` per component (0 stays 0: no colour jitter on grayscale presets)."""
+    b, c, s, h = BYOL_JITTER
+    jitter = {"brightness": min(spec.brightness, b), "contrast": min(spec.contrast, c),
+              "saturation": min(spec.saturation, s), "hue": min(spec.hue, h)}
+    first, second = (replace(spec, **jitter, **probs) for probs in BYOL_VIEW_PROBABILITIES)
+    return first, second
+
+
+def view_specs(spec: AugmentSpec, num_views: int, view_recipe: str | None = None) -> list[AugmentSpec]:
+    """One :class:`AugmentSpec` per global view: the preset for every view (``symmetric``, default) or BYOL's
+    asymmetric pair (``byol``, exactly 2 views)."""
+    recipe = view_recipe or "symmetric"
+    if recipe not in VIEW_RECIPES:
+        raise ValueError(f"unknown view recipe {view_recipe!r}: choose one of {', '.join(VIEW_RECIPES)}")
+    if recipe == "byol":
+        if num_views != 2:
+            raise ValueError(f"the BYOL view recipe makes 2 views, not {num_views}")
+        return list(byol_view_specs(spec))
+    return [spec] * num_views
+
+
 def get_spec(modality: str) -> AugmentSpec:
     """The :class:`AugmentSpec` of a modality name (case-insensitive)."""
     spec = MODALITIES.get(modality.lower())
@@ -160,6 +198,7 @@ def build_ssl_transform(
     num_views: int = 2,
     multicrop: int | Mapping[str, Any] | None = None,
     base_shorter_side: int | None = -1,
+    view_recipe: str | None = None,
 ) -> SSLTransform:
     """SSL pipeline of a modality: ``record -> {"views": [...], "label", "id"}`` (see module docstring).
 
@@ -170,21 +209,21 @@ def build_ssl_transform(
         multicrop: SwAV local crops (int count or options dict), default none.
         base_shorter_side: shrink images whose shorter side exceeds this before cropping (default
             ``2 * image_size``; ``None`` keeps full resolution).
+        view_recipe: ``"symmetric"`` (default) or ``"byol"`` (BYOL's asymmetric pair, see :func:`view_specs`).
     """
     if num_views < 1:
         raise ValueError("num_views must be >= 1")
     spec = get_spec(modality)
     base = build_base_transform(modality, 2 * image_size if base_shorter_side == -1 else base_shorter_side)
-    global_spec = spec
     views: list[Callable] = []
     if multicrop:
         opts = multicrop_options(multicrop, image_size)
-        global_spec = replace(spec, crop_scale=tuple(opts["global_scale"]))
+        global_specs = view_specs(replace(spec, crop_scale=tuple(opts["global_scale"])), num_views, view_recipe)
         local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
-        views = [build_view_transform(global_spec, image_size) for _ in range(num_views)]
+        views = [build_view_transform(s, image_size) for s in global_specs]
         views += [build_view_transform(local_spec, int(opts["local_size"])) for _ in range(int(opts["num_local"]))]
     else:
-        views = [build_view_transform(global_spec, image_size) for _ in range(num_views)]
+        views = [build_view_transform(s, image_size) for s in view_specs(spec, num_views, view_recipe)]
     transform = SSLTransform(base, MultiViewd(views))
     transform.set_random_state(seed=int(np.random.randint(MAX_SEED)))
     return transform

@@ -3,7 +3,7 @@
 
 Formats (``LoadedCheckpoint.format``): ``torchvision``, ``simclr_v1``, ``simclr_v2``, ``swav``, ``byol_torch``,
 ``byol_solo``, ``byol_mmselfsup``, ``byol_jax``, ``simsiam``, ``moco_v2``, ``moco_v3``, ``dino``, ``bit_npz``,
-``timm_resnetv2``, ``medssl`` (layouts in DESIGN.md §4 and docs/checkpoints.md).
+``timm_resnetv2``, ``medssl`` (layouts in docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ class LoadedCheckpoint:
 
 def _read_raw(path: str | os.PathLike[str], kind: str, trust: bool) -> tuple[Any, dict[str, str]]:
     if kind == "torch":
+        from medssl.weights.pickle_guard import check_torch_file
+
+        check_torch_file(path)  # memory bombs are refused before torch allocates anything
         return detect.load_torch_file(path, trust=trust), {}
     if kind == "npz":
         return detect.load_npz(path), {}

@@ -43,7 +43,8 @@ def save_medssl_file(
         arch, arch_kwargs: ``build_backbone(arch, **arch_kwargs)`` rebuilds the backbone.
         heads: optional ``{"projector"|"predictor"|"prototypes": state_dict}``.
         input_normalization: ``{"mean", "std", "description"}`` for inputs in [0, 1].
-        provenance: JSON-able record (source format, file name, sha256, operations, pretraining run).
+        provenance: JSON-able record (source format, file name, sha256, operations, pretraining run,
+            ``preparation`` counts, ``bn_statistics``: one of ``medssl.weights.prepare.BN_STATISTICS``).
     """
     from safetensors.torch import save
 

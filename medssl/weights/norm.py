@@ -1,4 +1,5 @@
-"""Norm-layer conversion for second-stage pretraining (Lu et al.; DESIGN.md §1, §4).
+"""Norm-layer conversion for second-stage pretraining (Lu et al., *Contrastive learning meets transfer learning*;
+BiT layout in docs/checkpoints.md).
 
 - :func:`convert_gn_to_bn`: every ``nn.GroupNorm`` becomes a default-initialised ``nn.BatchNorm2d`` of the same
   width (Lu et al.: SimSiam collapses on BiT's GroupNorm and trains once it is replaced by BatchNorm); the conv
@@ -132,6 +133,31 @@ def _batch_tensor(batch: Any) -> torch.Tensor:
     raise MedsslError(f"recalibration batches must be tensors (N, C, H, W), not {type(batch).__name__}")
 
 
+class _PooledMoments:
+    """Per-channel count, mean and sum of squared deviations of a BatchNorm's inputs, merged over batches in
+    float64 with Chan et al.'s pairwise update (no cancellation, unlike sum / sum of squares)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        values = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (C, N*H*W)
+        n = values.shape[1]
+        mean = values.mean(dim=1)
+        m2 = (values - mean[:, None]).square().sum(dim=1)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
+        self.n = total
+
+
 def recalibrate_bn(
     model: nn.Module,
     batches: Iterable[Any],
@@ -140,12 +166,16 @@ def recalibrate_bn(
 ) -> dict[str, Any]:
     """Re-estimate every BatchNorm's running statistics on ``num_batches`` batches of target data, in place.
 
-    Each BatchNorm with running statistics is reset (mean 0, var 1, counter 0) and switched to cumulative
-    averaging (``momentum=None``); the model runs forward in eval mode with only the BatchNorms in train mode
-    (so dropout and similar stay off) under ``torch.no_grad()``. Afterwards ``running_mean`` is the average of
-    the per-batch channel means and ``running_var`` the average of the per-batch unbiased channel variances
-    (PyTorch's cumulative moving average); with equal batch sizes the mean is the pooled mean. Each module's
-    train/eval mode and each BatchNorm's momentum are restored at the end, even on error.
+    The model runs forward in eval mode with only the BatchNorms in train mode (so each BatchNorm normalises
+    with its batch statistics, as during training, and dropout and similar stay off) under
+    ``torch.no_grad()``. Each BatchNorm's running statistics become the pooled statistics of its inputs over
+    all calibration images: with ``M`` the number of values per channel (images x height x width, all
+    batches), ``running_mean = sum(x) / M`` and ``running_var = sum((x - running_mean)**2) / (M - 1)``
+    (unbiased, as BatchNorm stores it); ``num_batches_tracked`` is the number of batches. This is the
+    population estimate that ``torch.optim.swa_utils.update_bn`` (cumulative average with ``momentum=None``)
+    approximates: its variance is the mean of the per-batch variances, which misses the spread of the batch
+    means; both agree for a single batch. Each module's train/eval mode is restored at the end, even on error.
+    A BatchNorm that no batch reached keeps its previous statistics and is listed under ``unused``.
 
     Args:
         model: module containing BatchNorm layers.
@@ -156,8 +186,8 @@ def recalibrate_bn(
         device: where to run; default the device of the model's first parameter (CPU if none).
 
     Returns:
-        ``{"operation": "bn_recalibration", "num_batches": int, "num_samples": int, "count": int,
-        "layers": [names]}``.
+        ``{"operation": "bn_recalibration", "statistics": "pooled", "num_batches": int, "num_samples": int,
+        "count": int, "layers": [names], "unused": [names]}``.
     """
     if int(num_batches) < 1:
         raise MedsslError(f"num_batches must be >= 1, got {num_batches}")
@@ -168,13 +198,12 @@ def recalibrate_bn(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     modes = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for _, m in bns}
+    moments = {name: _PooledMoments() for name, _ in bns}
+    handles = [bn.register_forward_pre_hook(moments[name]) for name, bn in bns]
     seen = samples = 0
     try:
         model.eval()
         for _, bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
             bn.train()
         with torch.no_grad():
             for batch in batches:
@@ -185,15 +214,28 @@ def recalibrate_bn(
                 seen += 1
                 samples += int(images.shape[0])
     finally:
+        for handle in handles:
+            handle.remove()
         for m, mode in modes.items():
             m.training = mode
-        for bn, momentum in momenta.items():
-            bn.momentum = momentum
     if seen == 0:
         raise MedsslError("no batches were given for BatchNorm recalibration")
-    logger.info("recalibrated %d BatchNorm layers on %d batches (%d samples)", len(bns), seen, samples)
-    return {"operation": "bn_recalibration", "num_batches": seen, "num_samples": samples, "count": len(bns),
-            "layers": [name for name, _ in bns]}
+    unused = []
+    with torch.no_grad():
+        for name, bn in bns:
+            acc = moments[name]
+            if acc.mean is None or acc.m2 is None or acc.n < 2:
+                unused.append(name)
+                continue
+            bn.running_mean.copy_(acc.mean)
+            bn.running_var.copy_(acc.m2 / (acc.n - 1))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.fill_(seen)
+    logger.info("recalibrated %d BatchNorm layers on %d batches (%d images)", len(bns) - len(unused), seen,
+                samples)
+    return {"operation": "bn_recalibration", "statistics": "pooled", "num_batches": seen, "num_samples": samples,
+            "count": len(bns) - len(unused), "layers": [name for name, _ in bns if name not in unused],
+            "unused": unused}
 
 
 def convert_to_sync_bn(model: nn.Module) -> nn.Module:

@@ -111,13 +111,17 @@ def safe_load_pickle(path: str | os.PathLike[str]) -> tuple[Any, list[str]]:
         (object, sorted names of the globals that were stubbed).
 
     Raises:
-        MedsslError: the file is truncated or not a valid pickle.
+        MedsslError: the file is truncated or not a valid pickle, or asks for allocations it does not back
+            (see :mod:`medssl.weights.pickle_guard`).
     """
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
         raise MedsslError(f"cannot read file ({exc.strerror or exc})", path) from exc
+    from medssl.weights.pickle_guard import check_pickle_bytes
+
+    check_pickle_bytes(data, path)  # sizes declared but not backed by the file (memory bombs)
     unpickler = _RestrictedUnpickler(io.BytesIO(data))
     try:
         obj = unpickler.load()

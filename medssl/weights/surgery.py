@@ -1,7 +1,10 @@
-"""Weight surgery before a second stage of pretraining (Ciga et al.; DESIGN.md §1).
+"""Weight surgery before a second stage of pretraining (Ciga et al., *Resource and data efficient self supervised
+learning*).
 
-- :func:`scale_frobenius`: shrink conv layers whose weight has a Frobenius norm above a threshold and
-  compensate in the BatchNorm that follows, so the network computes the same function.
+- :func:`scale_frobenius`: shrink conv layers whose weight has a Frobenius norm ``s`` above 1 and compensate in
+  the BatchNorm that follows, so the network computes the same function in eval mode (the paper's rule divides
+  by ``sqrt(s)``; ``unit_norm`` divides by ``s``). Networks without conv+BatchNorm pairs or with
+  weight-standardised convs are refused (:func:`scalable_pairs`).
 - :func:`find_dead_filters` / :func:`repair_dead_filters`: filters (output channels) whose weight norm is
   below 0.1 are "dead"; they are replaced by copies of randomly chosen live filters of the same layer
   (default) or re-initialised randomly, with the following norm layer's channel entries handled to match.
@@ -123,48 +126,93 @@ def filter_norms(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.detach().double().flatten(1).norm(dim=1)
 
 
+RULES = ("paper", "unit_norm")
+
+
+def scalable_pairs(model: nn.Module, *, norm_to_bn: bool = False, folds_ws: bool = False) -> dict[str, str]:
+    """The conv -> BatchNorm pairs :func:`scale_frobenius` may scale, or a one-line :class:`MedsslError`.
+
+    Scaling only preserves the network's function when the conv's output goes straight into a BatchNorm with
+    running statistics that absorb the scale, and when the conv really convolves ``W`` (a weight-standardised
+    ``StdConv2d`` convolves ``(W - mean) / std``, which is invariant to ``W -> W / c``: its output would not
+    shrink while the BatchNorm statistics are divided, so the outputs would change). Hence:
+
+    - no conv+BatchNorm pair (e.g. a GroupNorm BiT) -> error naming ``--norm bn``;
+    - a weight-standardised conv in a pair -> error naming ``--fold-ws`` (fold first: exact).
+
+    ``norm_to_bn`` / ``folds_ws`` check a model *before* GN -> BN conversion / WS folding that the caller will
+    apply (:func:`medssl.weights.prepare.prepare_backbone` checks up front so that nothing is changed on error).
+    """
+    pairs = find_conv_norm_pairs(model)
+    bn_pairs = {c: n for c, n in pairs.items() if isinstance(model.get_submodule(n), _BatchNorm)
+                or (norm_to_bn and isinstance(model.get_submodule(n), nn.GroupNorm))}
+    standardised = [c for c in bn_pairs if isinstance(model.get_submodule(c), StdConv2d)
+                    and model.get_submodule(c).standardize]
+    if not bn_pairs:
+        gn = sum(isinstance(model.get_submodule(n), nn.GroupNorm) for n in pairs.values())
+        if gn:
+            ws = any(isinstance(m, StdConv2d) and m.standardize for m in model.modules())
+            raise MedsslError(f"Frobenius scaling needs conv+BatchNorm pairs, but this network's {gn} conv+norm "
+                              f"pairs use GroupNorm: add --norm bn{' --fold-ws' if ws else ''} (or drop "
+                              "--scale-frobenius)")
+        raise MedsslError("Frobenius scaling needs conv+BatchNorm pairs and this network has none "
+                          "(drop --scale-frobenius)")
+    if standardised and not folds_ws:
+        raise MedsslError(f"Frobenius scaling of {len(standardised)} weight-standardised convs (e.g. "
+                          f"{standardised[0]}) would change the outputs (standardisation undoes the scaling of "
+                          "the weights, not of the BatchNorm statistics): add --fold-ws")
+    return bn_pairs
+
+
 def scale_frobenius(
-    model: nn.Module, *, threshold: float = 1.0, rule: str = "unit_norm", compensate_eps: bool = True
+    model: nn.Module, *, threshold: float = 1.0, rule: str = "paper", compensate_eps: bool = True
 ) -> dict[str, Any]:
     """Scale down every conv directly followed by a BatchNorm whose weight Frobenius norm ``s`` exceeds ``threshold``.
 
     With ``x`` the conv output and ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` the BatchNorm in eval
-    mode, dividing the conv weight (and bias) by ``c`` divides ``x`` by ``c``; the BatchNorm then gets
-    ``mean' = mean / c`` and ``var' = var / c**2``:
+    mode, dividing the conv weight (and bias) by ``c`` divides ``x`` by ``c``. ``s = ||W||_F`` over the whole
+    weight tensor (out, in, kh, kw), measured in float64; all arithmetic is done in float64.
 
-    - ``rule="unit_norm"`` (default): ``c = s / threshold``, so the layer's norm becomes exactly ``threshold``
-      (1 by default) and ``var' = var / c**2`` (with threshold 1 exactly DESIGN.md's ``running_var / s**2``);
-      beta is unchanged and gamma too (up to the eps compensation below). The output is unchanged in eval mode
-      (running statistics) and in train mode (batch statistics scale the same way), apart from BatchNorm's eps,
-      and the running statistics remain those of the scaled activations.
-    - ``rule="paper"``: DESIGN.md's literal rule, ``c = sqrt(s)``, ``mean' = mean / sqrt(s)``, ``var' = var / s**2``
-      and ``gamma' = gamma / sqrt(s)``. This also preserves the eval-mode output (the factor ``s / sqrt(s)`` from
-      the variance cancels the gamma factor) but leaves the norm at ``sqrt(s) > 1``, its running variance no
-      longer matches the activations (true variance ``var / s``), and in train mode the output shrinks by
-      ``sqrt(s)``.
+    - ``rule="paper"`` (default; Ciga, Xu & Martel, "Resource and data efficient self supervised learning",
+      weight preparation before the second stage): ``W' = W / sqrt(s)``, ``mean' = mean / sqrt(s)``, ``gamma' = gamma / sqrt(s)``,
+      ``var' = var / s**2`` (``beta`` unchanged). Then ``gamma' (x' - mean') / sqrt(var') = gamma (x - mean) /
+      sqrt(var)``: the eval-mode output is unchanged apart from BatchNorm's eps (below). The layer keeps the norm
+      ``sqrt(s) > 1``; in train mode (batch statistics) the BatchNorm output shrinks by ``sqrt(s)`` (the paper's
+      intent: smaller activations at the start of the second stage), and the running variance is that of
+      ``x / s`` rather than of the new activations ``x / sqrt(s)`` until training updates it.
+    - ``rule="unit_norm"`` (documented alternative): ``c = s / threshold``, so the layer's norm becomes exactly
+      ``threshold`` (1 by default): ``W' = W / c``, ``mean' = mean / c``, ``var' = var / c**2``, gamma and beta
+      unchanged. The output is unchanged in eval mode and in train mode (batch statistics scale the same way),
+      apart from eps, and the running statistics remain those of the scaled activations.
 
-    The eps term: ``sqrt(var' + eps)`` is not exactly ``sqrt(var + eps) / c``. With ``compensate_eps=True``
-    (default) both rules set ``gamma' = gamma * c * sqrt(var' + eps) / sqrt(var + eps)``, which makes the
-    eval-mode output exact (float rounding only); for large ``var`` this tends to ``gamma`` (unit_norm) and
-    ``gamma / sqrt(s)`` (paper), differing by a relative ``~ (c**2 or s**2) * eps / (2 var)``. With
-    ``compensate_eps=False`` gamma follows the rule literally.
+    The eps term, exactly: ``sqrt(var' + eps)`` is not ``sqrt(var + eps) / c``. With the literal formulas the
+    scaled layer computes ``gamma (x - mean) / sqrt(var + k * eps) + beta`` with ``k = s**2`` (paper) or
+    ``k = c**2`` (unit_norm): BatchNorm's eps is effectively multiplied by ``k``, and the normalised term
+    changes by the factor ``sqrt((var + eps) / (var + k * eps))``, i.e. by a relative ``~ -(k - 1) * eps /
+    (2 var)`` when ``var >> k * eps`` (eps is 1e-5 in torch BatchNorm: s = 10, var = 1 gives -5e-4; s = 20,
+    var = 0.01, common in pretrained ResNets, gives -15 %; over the ~50 pairs of a ResNet-50 the changes
+    compound: 6.5 % at the output of a test network whose per-layer changes are below 1 %). Therefore
+    ``compensate_eps=True`` (default) sets ``gamma' = gamma * c * sqrt(var' + eps) / sqrt(var + eps)``: the
+    rule's gamma times ``sqrt((var + k * eps) / (var + eps))``, which makes the eval-mode output exact (float
+    rounding only), the property the paper states. ``compensate_eps=False`` applies the published gamma
+    literally (``gamma / sqrt(s)`` for ``paper``, ``gamma`` for ``unit_norm``) and accepts the eps change.
 
     Convs whose output is not directly normalised by a BatchNorm (e.g. ResNetV2's conv3, the stem before
-    max-pool) are not scaled and are listed under ``unpaired`` when their norm exceeds the threshold. A
-    weight-standardised ``StdConv2d`` is scale-invariant, so it is skipped (fold standardisation first). A
-    BatchNorm without running statistics only needs the conv scaled.
+    max-pool) are not scaled and are listed under ``unpaired`` when their norm exceeds the threshold. A network
+    without conv+BatchNorm pairs, or with weight-standardised convs in such pairs, is refused (see
+    :func:`scalable_pairs`). A BatchNorm without running statistics only needs the conv scaled.
 
     Returns:
         ``{"operation": "frobenius_scaling", "rule", "threshold", "compensate_eps", "count", "layers": [{"conv",
-        "norm", "frobenius_norm", "divisor"}], "skipped": [{"conv", "reason"}], "unpaired": [{"conv",
-        "frobenius_norm"}]}``.
+        "norm", "frobenius_norm", "divisor"}], "unpaired": [{"conv", "frobenius_norm"}]}``.
     """
-    if rule not in ("unit_norm", "paper"):
-        raise MedsslError(f"Frobenius scaling rule must be 'unit_norm' or 'paper', not {rule!r}")
+    if rule not in RULES:
+        raise MedsslError(f"Frobenius scaling rule must be one of {', '.join(RULES)}, not {rule!r}")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise MedsslError(f"Frobenius threshold must be a positive number, not {threshold!r}")
-    pairs = {c: n for c, n in find_conv_norm_pairs(model).items() if isinstance(model.get_submodule(n), _BatchNorm)}
-    layers, skipped, unpaired = [], [], []
+    compensate = bool(compensate_eps)
+    pairs = scalable_pairs(model)
+    layers, unpaired = [], []
     for name, conv in filter_layers(model):
         s = float(conv.weight.detach().double().norm())
         if s <= threshold:
@@ -172,18 +220,14 @@ def scale_frobenius(
         if name not in pairs:
             unpaired.append({"conv": name, "frobenius_norm": s})
             continue
-        if isinstance(conv, StdConv2d) and conv.standardize:
-            skipped.append({"conv": name, "reason": "weight-standardised (scale-invariant); fold it first"})
-            continue
         bn = model.get_submodule(pairs[name])
         assert isinstance(bn, _BatchNorm)
         c = s / threshold if rule == "unit_norm" else math.sqrt(s)
-        _scale_pair(conv, bn, s, c, rule, compensate_eps)
+        _scale_pair(conv, bn, s, c, rule, compensate)
         layers.append({"conv": name, "norm": pairs[name], "frobenius_norm": s, "divisor": c})
-    logger.info("Frobenius scaling (%s) of %d conv+BN pairs", rule, len(layers))
+    logger.info("Frobenius scaling (%s rule): %d of %d conv+BN pairs scaled", rule, len(layers), len(pairs))
     return {"operation": "frobenius_scaling", "rule": rule, "threshold": float(threshold),
-            "compensate_eps": bool(compensate_eps), "count": len(layers), "layers": layers,
-            "skipped": skipped, "unpaired": unpaired}
+            "compensate_eps": compensate, "count": len(layers), "layers": layers, "unpaired": unpaired}
 
 
 @torch.no_grad()

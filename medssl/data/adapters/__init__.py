@@ -25,6 +25,7 @@ from medssl.data.adapters.ham10000 import adapt_ham10000
 from medssl.data.adapters.medmnist import adapt_medmnist
 from medssl.data.adapters.nct_crc import adapt_nct_crc
 from medssl.data.adapters.pcam import adapt_pcam
+from medssl.data.manifest import normalize_labels
 from medssl.errors import MedsslError
 
 __all__ = ["ADAPTERS", "Adapter", "AdapterContext", "assign_splits", "build_manifest", "parse_ratios"]
@@ -86,7 +87,9 @@ def build_manifest(
             image_column, label_column, group_column, group_kind, split_column, image_root, suffix, ...).
 
     Returns:
-        list of record dicts (absolute ``image`` paths), ready for ``medssl.data.manifest.write_manifest``.
+        list of record dicts (absolute ``image`` paths; labels NFC-normalised, two labels equal after NFC are
+        an error; ``deidentified`` true when ``deid`` has a secret key of >= 128 bits), ready for
+        ``medssl.data.manifest.write_manifest`` (which puts the paths in the private map).
     """
     adapter = ADAPTERS.get(name)
     if adapter is None:
@@ -109,6 +112,10 @@ def build_manifest(
     records = adapter.func(root_path, ctx, **options)
     if not records:
         raise MedsslError(f"no images found for dataset {name!r}", root_path)
+    normalize_labels(records, root_path)
+    deidentified = bool(getattr(deid, "deidentified", False))
+    for record in records:
+        record["deidentified"] = deidentified
     if split_ratios is not None:
         ratios = parse_ratios(split_ratios) if isinstance(split_ratios, str) else dict(split_ratios)
         assign_splits(records, ratios, seed=seed)

@@ -5,7 +5,7 @@ Original layout (the ``_mask.png`` / ``_mask_1.png`` segmentation masks are excl
     ROOT/Dataset_BUSI_with_GT/benign/benign (1).png, benign (1)_mask.png, benign (4)_mask_1.png, ...
     ROOT/Dataset_BUSI_with_GT/malignant/...   ROOT/Dataset_BUSI_with_GT/normal/...
 
-The redistributed resized variant (e.g. ../shared/data/busi) is ROOT/{benign,malignant,normal}/*.png without
+The redistributed resized variant (256x256 RGB copies) is ROOT/{benign,malignant,normal}/*.png without
 masks; both are accepted. ``label`` = folder name; patients are not published (``patient_id`` null).
 """
 

@@ -23,7 +23,9 @@ from typing import Literal
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medssl.errors import MedsslError
 
@@ -91,6 +93,24 @@ def _voi(
     return gray, (float(low), float(high))
 
 
+def _read_dataset(path: str | os.PathLike[str]) -> pydicom.Dataset:
+    """The whole dataset; files without the 128-byte preamble and ``DICM`` prefix (older exports) are read
+    with ``force=True`` as the ingest's header scan reads them, so every record the ingest accepts can load."""
+    try:
+        try:
+            return pydicom.dcmread(path)
+        except InvalidDicomError:
+            ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise MedsslError(f"not a readable DICOM file ({exc})", path) from exc
+    if "TransferSyntaxUID" not in ds.file_meta:  # no file meta: use the encoding pydicom detected
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
 def read_dicom_frame(
     path: str | os.PathLike[str],
     frame: int | None = None,
@@ -110,10 +130,7 @@ def read_dicom_frame(
         ``(array, (low, high))``: float32 ``(C, H, W)`` in native/windowed units, and the intensity range that
         maps to [0, 1]. Colour images: C = 3 and the range is the full range of their bit depth.
     """
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:  # pydicom raises many types for broken files
-        raise MedsslError(f"not a readable DICOM file ({exc})", path) from exc
+    ds = _read_dataset(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise MedsslError("DICOM object has no pixel data", path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)

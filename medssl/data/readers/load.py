@@ -39,6 +39,45 @@ from medssl.errors import MedsslError
 READ_SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "h5", "wsi")
 
 
+class RecordLoadError(MedsslError):
+    """A record's pixels could not be read. ``str()`` is ``PATH: record 'ID' cannot be loaded (DETAIL)``.
+
+    Attributes:
+        record_id: the record's ``id``. detail: the reader's reason, without the path.
+    """
+
+    def __init__(self, reason: str, path: str | None = None, *, record_id: Any = None,
+                 detail: str | None = None) -> None:
+        super().__init__(reason, path)
+        self.record_id = record_id
+        self.detail = detail if detail is not None else reason
+
+
+def record_load_error(record: Mapping[str, Any], key: str, exc: BaseException) -> RecordLoadError:
+    """Wrap a reader's exception into a :class:`RecordLoadError` naming ``record["id"]`` and its file."""
+    if isinstance(exc, RecordLoadError):
+        return exc
+    path = record.get(key)
+    if isinstance(exc, MedsslError):
+        detail = exc.reason
+    else:
+        text = " ".join(str(exc).split())[:300]
+        detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return RecordLoadError(f"record {record.get('id')!r} cannot be loaded ({detail})",
+                           path if isinstance(path, str) else None, record_id=record.get("id"), detail=detail)
+
+
+def find_record_error(exc: BaseException | None) -> RecordLoadError | None:
+    """The :class:`RecordLoadError` behind ``exc`` (MONAI wraps transform errors in ``RuntimeError``), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RecordLoadError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def infer_source(path: str) -> str:
     """Reader kind from a file name: ``nifti``, ``nrrd``, ``npz``, ``h5``, ``wsi`` (.svs), ``image`` or ``dicom``."""
     name = Path(path).name.lower()
@@ -107,7 +146,9 @@ class LoadRecordd(MapTransform):
         slice_mode: volumes: ``2d`` one slice, ``2.5d`` three neighbouring slices as channels.
         allow_missing_keys: skip keys absent from the record.
 
-    Adds ``f"{key}_range"`` = ``(low, high)`` for each key.
+    Adds ``f"{key}_range"`` = ``(low, high)`` for each key. A record that cannot be read raises
+    :class:`RecordLoadError` naming its ``id`` and file (MONAI wraps it in ``RuntimeError``; see
+    :func:`find_record_error`).
     """
 
     def __init__(
@@ -133,7 +174,10 @@ class LoadRecordd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key in self.key_iterator(out):
-            array, rng = read_record(out, str(key), **self.options)
+            try:
+                array, rng = read_record(out, str(key), **self.options)
+            except Exception as exc:  # noqa: BLE001 - any reader failure is named with its record
+                raise record_load_error(out, str(key), exc) from exc
             out[key] = array
             out[f"{key}_range"] = rng
         return out

@@ -3,9 +3,13 @@
 Per (trial, label fraction): a fresh copy of the backbone, ``InputNormalization`` in front and a
 ``Linear(num_features, K)`` head, trained with ``monai.engines.SupervisedTrainer`` (Adam, lr 3e-4, weight decay
 1e-4 by default, the configured loss) for ``epochs`` epochs; after every epoch a
-``monai.engines.SupervisedEvaluator`` computes the validation balanced accuracy (ignite ``Recall(average=True)``
-= macro recall); the weights of the first epoch reaching the best value are restored and the test set is
-predicted once. Images go through the deterministic eval transform (no augmentation).
+``monai.engines.SupervisedEvaluator`` computes the validation balanced accuracy
+(:func:`medssl.engines.scores.balanced_accuracy`: mean recall over the classes present in the val labels, the
+same number the results report); the weights of the first epoch reaching the best value are restored and the
+test set is predicted once. Images go through the deterministic eval transform (no augmentation).
+
+Each trial is a function of its seed alone: ``torch.manual_seed(seed)`` is set before the head is initialised,
+so the head's initial weights and the batch order do not depend on earlier trials.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
-from ignite.metrics import Recall
+from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from torch import nn
 
+from medssl.engines.scores import balanced_accuracy
+from medssl.errors import MedsslError
+from medssl.evaluation.checks import require_finite
 from medssl.evaluation.features import extract_features, make_loader
 from medssl.evaluation.fractions import label_fraction_subsets
 from medssl.evaluation.losses import build_loss
@@ -33,7 +40,8 @@ log = logging.getLogger("medssl.evaluation.finetune")
 
 FINETUNE_DEFINITION = (
     "whole network + linear head trained with Adam (MONAI SupervisedTrainer) on the label-fraction subset; "
-    "validation balanced accuracy (ignite Recall(average=True)) after every epoch; the best epoch's weights "
+    "validation balanced accuracy (mean recall over the classes present in val) after every epoch; the best "
+    "epoch's weights "
     "predict the test set once; eval transform without augmentation"
 )
 
@@ -56,6 +64,29 @@ class FineTuneClassifier(nn.Module):
 
 def _val_output(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return output["pred"], output["label"].long().view(-1)
+
+
+class BalancedAccuracy(Metric):
+    """Ignite metric: :func:`medssl.engines.scores.balanced_accuracy` of argmax(logits) over a whole epoch."""
+
+    def __init__(self, num_classes: int, output_transform: Any = lambda x: x) -> None:
+        self.num_classes = num_classes
+        self._true: list[torch.Tensor] = []
+        self._pred: list[torch.Tensor] = []
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self._true, self._pred = [], []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        logits, labels = output
+        self._pred.append(logits.detach().argmax(dim=1).cpu())
+        self._true.append(labels.detach().long().view(-1).cpu())
+
+    def compute(self) -> float:
+        if not self._true:
+            raise MedsslError("no validation images to compute the balanced accuracy on")
+        return balanced_accuracy(torch.cat(self._true), torch.cat(self._pred), self.num_classes)
 
 
 def finetune_once(
@@ -81,7 +112,7 @@ def finetune_once(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=val_loader, network=model, decollate=False,
-        key_val_metric={"val_balanced_accuracy": Recall(average=True, output_transform=_val_output)})
+        key_val_metric={"val_balanced_accuracy": BalancedAccuracy(num_classes, output_transform=_val_output)})
     trainer = SupervisedTrainer(
         device=device, max_epochs=cfg["epochs"], train_data_loader=train_loader, network=model,
         optimizer=optimizer, loss_function=lambda pred, label: criterion(pred, label.long().view(-1)),
@@ -124,6 +155,7 @@ def finetune_trials(data: Any, loaded: Any, transform: Any,
     largest = max(cfg["fractions"])
     for (trial, fraction), idx in sorted(subsets.items()):
         seed = cfg["seed"] + 1000 * trial
+        torch.manual_seed(seed)  # the head's initialisation belongs to the trial's seed
         model = FineTuneClassifier(copy.deepcopy(loaded.model),
                                    InputNormalization.from_spec(loaded.input_normalization), k)
         log.info("fine-tuning trial %d, fraction %g: %d training images", trial, fraction, len(idx))
@@ -131,6 +163,8 @@ def finetune_trials(data: Any, loaded: Any, transform: Any,
         record["n_train"] = int(len(idx))
         training[(trial, float(fraction))] = record
         probs = predict_proba(model, data.test, transform, cfg)
+        require_finite(probs, f"test predictions after fine-tuning (trial {trial}, fraction {fraction:g})",
+                       loaded.info)
         tables.append(prediction_rows(data.test, data.classes, test_labels, probs, trial, fraction))
         if trial == 0 and fraction == largest:
             loader = make_loader(data.test, transform, cfg["batch_size"], num_workers=cfg["num_workers"])

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medssl.engines.scores import balanced_accuracy
 from medssl.evaluation.losses import build_loss
-from medssl.evaluation.metrics import balanced_accuracy
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every reader returns a :class:`ReaderOutput`: backbone tensors already in medssl names (torchvision names for
 ResNet v1.5, timm names for ResNetV2), heads in :class:`medssl.models.MLPHead` / ``Prototypes`` key layout,
 the keys it set aside (``skipped``) with the reason in ``notes``, and the input normalisation the weights
-expect (DESIGN.md §4).
+expect (docs/checkpoints.md).
 """
 
 from __future__ import annotations

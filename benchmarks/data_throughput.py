@@ -1,14 +1,23 @@
-"""SSL views/s per modality preset on CPU: per-sample MONAI path vs batched kornia path.
+"""Data-path throughput on CPU: sources vs the prepared store, per-sample vs batched augmentation, pretraining.
 
-Two figures per preset and path:
+``--mode sources`` (default): view pairs/s per core at ``--image-size`` px for each source kind (JPEG 2000 and
+uncompressed chest CR DICOM, BUSI PNG, NIfTI slices) read from the source files and from a store prepared from
+them (``medssl prepare``), side by side with a minimal hand-written torch pipeline (1 and 3 channels) measured in
+the same run, and the cores needed for 3,000 image pairs/s (:mod:`store_throughput`).
+
+``--mode pretrain``: two epochs of pretraining on 24 JPEG 2000 chest radiographs from the source manifest and
+from its prepared store, end to end; prints the ratio.
+
+``--mode presets``: SSL views/s per modality preset: per-sample path vs batched kornia path. Two figures per
+preset and path:
 
 - ``end-to-end``: read the real file, scale, and cut the views (what a data loader worker does; for the batched
   path: per-sample read + resize to ``base`` px, then one kornia call per augmentation per batch);
 - ``augment-only``: the random augmentations alone on already decoded images (the part the batched path moves
   onto whole batches, and onto the GPU when there is one).
 
-Usage: ``python benchmarks/data_throughput.py [--data DATA_DIR] [--image-size 224] [--records 32]
-[--batch-size 32] [--threads 1] [--device cpu]``. Prints a table and the batched/per-sample ratios.
+Usage: ``python benchmarks/data_throughput.py [--mode sources|pretrain|presets] [--data DATA_DIR]
+[--image-size 224] [--records 32] [--batch-size 32] [--threads 1] [--device cpu]``. Prints tables and ratios.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform
+from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform, stack_images
 from medssl.transforms.multiview import MultiViewd
 from medssl.transforms.presets import MODALITIES, build_ssl_transform, build_view_transform, get_spec
 
@@ -69,7 +78,7 @@ def bench(modality: str, records: list[dict], size: int, batch_size: int, device
 
     def batched_e2e() -> None:
         for i in range(0, n, batch_size):
-            batch = torch.stack([base_b(r)["image"] for r in records[i : i + batch_size]]).to(device)
+            batch = stack_images([base_b(r)["image"] for r in records[i : i + batch_size]]).to(device)
             aug_b(batch)
 
     batched_e2e()
@@ -79,7 +88,7 @@ def bench(modality: str, records: list[dict], size: int, batch_size: int, device
     decoded = [base_b(r)["image"] for r in records]
     views = MultiViewd([build_view_transform(get_spec(modality), size) for _ in range(2)])
     aug_ps = timed(lambda: [views({"image": x}) for x in decoded])
-    stacked = torch.stack(decoded).to(device)
+    stacked = stack_images(decoded).to(device)
 
     def batched_aug() -> None:
         for i in range(0, n, batch_size):
@@ -107,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modalities", default=",".join(MODALITIES))
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats; the fastest is reported")
+    parser.add_argument("--mode", choices=("sources", "pretrain", "presets"), default="sources")
     args = parser.parse_args(argv)
     global REPEATS
     REPEATS = max(1, args.repeats)
@@ -114,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shared data folder not found: {args.data} (pass --data)", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.mode != "presets":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import store_throughput
+
+        if args.mode == "sources":
+            store_throughput.run_sources(args.data, args.image_size, args.records, REPEATS)
+        else:
+            store_throughput.run_pretrain()
+        return 0
     print(f"views/s, 2 views of {args.image_size} px per record, {args.records} records, batch {args.batch_size}, "
           f"torch threads {args.threads}, device {args.device}, best of {REPEATS}")
     header = f"{'preset':<13}{'e2e per-sample':>16}{'e2e batched':>13}{'ratio':>7}{'aug per-sample':>16}{'aug batched':>13}{'ratio':>7}"

@@ -93,8 +93,9 @@ def _pretrain(name: str, data: Path, out: Path, settings: DemoSettings, modality
               second_stage: bool = False, progress: bool = True, seed: int = 0) -> Path:
     """One SSL run (SimCLR) with the demo's tiny network; returns RUN_DIR."""
     from medssl.data.sources import records_from_path
+    from medssl.engines.components import select_pretraining_records
     from medssl.engines.config import PretrainConfig
-    from medssl.engines.run import run_pretraining, select_pretraining_records
+    from medssl.engines.run import run_pretraining
 
     iterations = settings.second_stage_iterations if second_stage else settings.first_stage_iterations
     n_images = len(select_pretraining_records(records_from_path(data)))
@@ -118,12 +119,13 @@ def _pretrain(name: str, data: Path, out: Path, settings: DemoSettings, modality
 
 
 def _evaluate(name: str, data: Path, out: Path, backbone: str, settings: DemoSettings, modality: str) -> Path:
-    from medssl.bundle_utils import evaluate
+    from medssl.evaluation.components import evaluate_backbone
 
-    return evaluate(data, out, backbone=backbone, arch=settings.arch, small_stem=settings.small_stem,
-                    widen_factor=settings.widen_factor, fractions=settings.fractions, protocol="linear",
-                    trials=settings.trials, modality=modality, image_size=settings.image_size,
-                    epochs=settings.eval_epochs, name=name, device="cpu")
+    return evaluate_backbone(data, out, backbone=backbone, arch=settings.arch if backbone == "random" else None,
+                             small_stem=settings.small_stem, widen_factor=settings.widen_factor,
+                             fractions=settings.fractions, protocol="linear", trials=settings.trials,
+                             modality=modality, image_size=settings.image_size, epochs=settings.eval_epochs,
+                             name=name, device="cpu")
 
 
 def _header(settings: DemoSettings, synthetic: bool, data: Path, timings: dict[str, float]) -> str:

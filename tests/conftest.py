@@ -7,6 +7,7 @@ need it skip with a clear reason when it is absent.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -42,3 +43,20 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+def _all_loggers() -> list[logging.Logger]:
+    manager = logging.Logger.manager
+    return [logging.getLogger()] + [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_log_handlers():
+    """The CLI (``logging.basicConfig``) and Ignite bind stream handlers to this test's captured stderr; drop
+    the handlers a test added so that the next test's stderr holds only its own output."""
+    before = {id(lg): list(lg.handlers) for lg in _all_loggers()}
+    yield
+    for lg in _all_loggers():
+        for handler in lg.handlers[:]:
+            if isinstance(handler, logging.StreamHandler) and handler not in before.get(id(lg), []):
+                lg.removeHandler(handler)

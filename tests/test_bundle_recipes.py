@@ -25,7 +25,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
+BUNDLES = REPO / "medssl" / "bundles"  # the bundles ship inside the package (bundles/<modality> links here)
 CIGA_BUNDLES = ("histology", "xray", "mri", "ultrasound")
 METHODS = ("simclr", "swav", "byol", "simsiam")
 
@@ -67,11 +67,13 @@ CIGA = {"scale_frobenius": True, "frobenius_rule": "paper", "dead_filters": "cop
 
 
 def parse(modality: str, name: str, **override: Any) -> Any:
-    """The bundle's ``common.yaml`` + ``<name>.yaml`` as ``monai.bundle run`` reads them, with overrides."""
+    """The bundle's ``train.yaml`` (``pretrain``) or ``train.yaml`` + ``evaluate.yaml`` (``evaluate``) as
+    ``monai.bundle run`` reads them, with overrides."""
     from monai.bundle import ConfigParser
 
+    names = ("train",) if name == "pretrain" else ("train", name)
     parser = ConfigParser()
-    parser.read_config([str(BUNDLES / modality / "configs" / f"{n}.yaml") for n in ("common", name)])
+    parser.read_config([str(BUNDLES / modality / "configs" / f"{n}.yaml") for n in names])
     parser.update({"bundle_root": str(BUNDLES / modality), **override})
     parser.parse()
     return parser
@@ -186,6 +188,19 @@ def test_ciga_bundles_evaluate_by_fine_tuning(modality: str) -> None:
     linear = parse(modality, "evaluate", protocol="linear")
     assert linear.get_parsed_content("lr") is None and linear.get_parsed_content("weight_decay") is None
     assert parser.get_parsed_content("required_splits") == []
+    assert parser.get_parsed_content("cluster_by") == "auto"
+    assert (parser.get_parsed_content("eval_norm"), parser.get_parsed_content("recalibrate_bn")) == ("keep", False)
+
+
+def test_dermatoscopy_bit_baseline_evaluates_with_gn_to_bn_and_recalibration() -> None:
+    """Lu et al.'s BiT baseline (BiT weights without SSL) is probed after GroupNorm -> BatchNorm with the new
+    statistics estimated on the train images; the bundle's own pretrained backbone (already BatchNorm) is not."""
+    own = parse("dermatoscopy", "evaluate")
+    assert (own.get_parsed_content("eval_norm"), own.get_parsed_content("recalibrate_bn")) == ("keep", False)
+    for backbone in ("bit_s_r50x1", "/weights/BiT-S-R50x1.npz"):
+        bit = parse("dermatoscopy", "evaluate", backbone=backbone)
+        assert (bit.get_parsed_content("eval_norm"), bit.get_parsed_content("recalibrate_bn")) == ("bn", True)
+    assert own.get_parsed_content("cluster_by") == "auto"
 
 
 def test_no_bundle_file_names_a_file_outside_the_repository() -> None:

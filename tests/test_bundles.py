@@ -1,13 +1,14 @@
-"""The five MONAI bundles: metadata, pretraining for every method, evaluation, ckpt_export, torchrun.
+"""The five MONAI bundles (model-zoo layout), each run from a copy outside the repository on real images.
 
-Runs go through ``monai.bundle.run`` in-process with the bundles' own config files and command-line style
-overrides (tiny network, 32 px, 2 iterations); one ``torchrun ... -m monai.bundle run`` subprocess proves
-the command line and the two-process CPU launch.
+Data (``shared_data``): BUSI PNGs (ultrasound), PneumoniaMNIST rows (xray), slices of the T1 volume (mri), tiles
+cut from the H&E image (histology), and RGB JPEGs with a CSV (dermatoscopy). Runs use a tiny network (ResNet-18
+x 0.25, small stem), 32 px, 2 iterations.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import os
 import subprocess
@@ -20,330 +21,423 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from medssl.bundle_utils import export_network, write_model_file
+from medssl.bundles import MODALITIES, bundle_path, init_bundle
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
-MODALITIES = ("histology", "xray", "mri", "ultrasound", "dermatoscopy")
-METHODS = ("simclr", "swav", "byol", "simsiam")
-OFFICIAL_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
-                   "meta_schema_20240725.json")
+TINY = {"arch": "resnet18", "small_stem": True, "widen_factor": 0.25, "image_size": 32}
+HEADS = {"simclr": {"projector_hidden_dim": 32, "projector_out_dim": 16},
+         "simsiam": {"projector_hidden_dim": 32, "projector_out_dim": 32, "predictor_hidden_dim": 8},
+         "byol": {"projector_hidden_dim": 32, "projector_out_dim": 16, "predictor_hidden_dim": 32},
+         "swav": {"projector_hidden_dim": 32, "projector_out_dim": 16, "num_prototypes": 12, "num_local_crops": 2}}
+DEFAULT_METHOD = {m: "simclr" for m in MODALITIES} | {"dermatoscopy": "simsiam"}
+FILES = ("configs/train.yaml", "configs/evaluate.yaml", "configs/inference.yaml", "configs/multi_gpu_train.yaml",
+         "configs/logging.conf", "configs/metadata.json", "configs/meta_schema.json", "docs/README.md", "LICENSE")
 
-#: tiny heads so that two SSL steps take a second; SwAV keeps two small multi-crop views
-TINY_HEADS = {
-    "simclr": {"projector_hidden_dim": 32, "projector_out_dim": 16},
-    "swav": {"projector_hidden_dim": 32, "projector_out_dim": 16, "num_prototypes": 12, "num_local_crops": 2},
-    "byol": {"projector_hidden_dim": 32, "projector_out_dim": 16, "predictor_hidden_dim": 32},
-    "simsiam": {"projector_hidden_dim": 32, "projector_out_dim": 32, "predictor_hidden_dim": 8},
-}
-TINY_NET = {"arch": "resnet18", "small_stem": True, "widen_factor": 0.25, "image_size": 32}
+
+def _assign_splits(records: list[dict], names: tuple[str, ...]) -> list[dict]:
+    """Per class, record i goes to ``names[i % len(names)]`` (every split holds every class)."""
+    seen: dict[str, int] = {}
+    for r in records:
+        i = seen.get(r["label"], 0)
+        seen[r["label"]] = i + 1
+        r["split"] = names[i % len(names)]
+    return records
+
+
+def _write(records: list[dict], path: Path) -> Path:
+    from medssl.data.manifest import write_manifest
+
+    write_manifest(path, records)
+    return path
 
 
 @pytest.fixture(scope="module")
-def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic labelled data: 8 images per class at 32 px with train/val/test splits."""
-    from medssl.data.synthetic import write_synthetic_dataset
+def data(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small labelled manifest per modality, from the shared real images."""
+    from PIL import Image
 
-    return write_synthetic_dataset(tmp_path_factory.mktemp("tiny_data"), per_class=8, size=32)
+    from medssl.data.adapters import build_manifest
+    from medssl.data.sources import records_from_path
+
+    root = tmp_path_factory.mktemp("bundle_data")
+    out: dict[str, Path] = {}
+    splits = ("train", "train", "val", "test")
+    # ultrasound: BUSI PNGs, 8 benign + 8 malignant
+    busi = root / "busi"
+    for label in ("benign", "malignant"):
+        (busi / label).mkdir(parents=True)
+        for src in sorted((shared_data / "busi" / label).glob("*.png"))[:8]:
+            (busi / label / src.name).write_bytes(src.read_bytes())
+    out["ultrasound"] = _write(_assign_splits(records_from_path(busi), splits), root / "busi.jsonl")
+    # xray: PneumoniaMNIST rows (4 per class in train, 2 per class in val and test)
+    rows = records_from_path(shared_data / "pneumoniamnist" / "pneumoniamnist_balanced.npz")
+    keep = []
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for label in ("0", "1"):
+            keep += [r for r in rows if r["split"] == split and r["label"] == label][:n]
+    out["xray"] = _write(keep, root / "pneumonia.jsonl")
+    # mri: 16 axial slices of the T1 volume, labelled by half (inferior / superior)
+    slices = records_from_path(shared_data / "mri" / "T1.nii.gz")
+    mid = slices[len(slices) // 2]["slice"]
+    chosen = slices[10:-10:max(1, (len(slices) - 20) // 16)][:16]
+    for r in chosen:
+        r["label"] = "superior" if r["slice"] >= mid else "inferior"
+    out["mri"] = _write(_assign_splits(chosen, splits), root / "t1.jsonl")
+    # histology: 16 tiles of 64 px cut from the H&E image, labelled by half of the image
+    he = np.asarray(Image.open(shared_data / "histology" / "tiatoolbox__target_image.png").convert("RGB"))
+    tiles = root / "tiles"
+    for i in range(16):
+        label = "top" if i < 8 else "bottom"
+        y, x = (100 if i < 8 else 700) + 64 * (i % 2), 100 + 96 * (i % 8)
+        (tiles / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(he[y:y + 64, x:x + 64]).save(tiles / label / f"tile_{i:02d}.png")
+    out["histology"] = _write(_assign_splits(records_from_path(tiles), splits), root / "tiles.jsonl")
+    # dermatoscopy: RGB JPEGs + a CSV with lesion ids and Lu et al.'s pretrain/train/test split
+    derm = root / "derm"
+    derm.mkdir()
+    lines = [["file", "dx", "lesion", "split"]]
+    for i in range(24):
+        y, x = 300 + 40 * (i % 6), 60 + 150 * (i // 6)
+        Image.fromarray(he[y:y + 48, x:x + 48]).save(derm / f"ISIC_{i:04d}.jpg", quality=95)
+        lines.append([f"ISIC_{i:04d}.jpg", "nv" if i % 2 else "mel", f"L{i}", ("pretrain", "train", "test")[i % 3]])
+    with (derm / "labels.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(lines)
+    from medssl.data.deid import Pseudonymizer
+
+    records = build_manifest("csv", derm / "labels.csv", deid=Pseudonymizer(b"bundle-test-key-0123456789abcdef"),
+                             image_column="file", label_column="dx",
+                             group_column="lesion", group_kind="lesion", split_column="split")
+    out["dermatoscopy"] = _write(records, root / "derm.jsonl")
+    return out
 
 
-def configs(modality: str, *names: str) -> list[str]:
-    return [str(BUNDLES / modality / "configs" / f"{n}.yaml") for n in names]
+def _copy(modality: str, tmp_path: Path) -> Path:
+    """The installed bundle written outside the repository (as ``medssl bundle init`` does)."""
+    return init_bundle(modality, tmp_path / f"{modality}_bundle")
 
 
-def run_bundle(modality: str, names: tuple[str, ...], root: Path, **override: object) -> None:
+def _train_overrides(modality: str, manifest: Path, method: str | None = None) -> dict:
+    method = method or DEFAULT_METHOD[modality]
+    return {"data": str(manifest), "method": method, "init": "random", "iterations": 2, "batch_size": 4,
+            "workers": 0, "knn_every": 1, "method_options": HEADS[method], **TINY}
+
+
+def _run(bundle: Path, names: tuple[str, ...], **override: object) -> None:
     from monai.bundle import run
 
-    run(config_file=configs(modality, *names), meta_file=str(BUNDLES / modality / "configs" / "metadata.json"),
-        bundle_root=str(root), **override)
+    run(config_file=[str(bundle / "configs" / f"{n}.yaml") for n in names], bundle_root=str(bundle),
+        meta_file=str(bundle / "configs" / "metadata.json"), **override)
 
 
-def pretrain_overrides(manifest: Path, method: str) -> dict:
-    """Tiny runs from random init (the bundles' defaults download ImageNet weights) on train/val/test data."""
-    return {"data": str(manifest), "method": method, "init": "random", "iterations": 2, "batch_size": 4,
-            "workers": 0, "knn_every": 0, "progress": False, "method_options": TINY_HEADS[method],
-            "required_splits": [], **TINY_NET}
-
-
-#: each bundle's evaluation protocol and label fractions (Lu et al. for dermatoscopy, Ciga et al. otherwise)
-EVAL_PROTOCOL = {m: ("finetune", [0.1, 1.0]) for m in MODALITIES} | {"dermatoscopy": ("linear", [1.0])}
+def test_installed_bundles_hold_the_model_zoo_files() -> None:
+    for modality in MODALITIES:
+        for name in FILES:
+            assert (bundle_path(modality) / name).is_file(), (modality, name)
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_metadata_verifies_offline(modality: str) -> None:
-    from monai.bundle import verify_metadata
+def test_properties_metadata_and_network_io(modality: str, data: dict[str, Path], tmp_path: Path) -> None:
+    from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
-    meta_file = BUNDLES / modality / "configs" / "metadata.json"
+    bundle = _copy(modality, tmp_path)
+    assert all((bundle / name).is_file() for name in FILES)
+    train = ConfigWorkflow(config_file=str(bundle / "configs" / "train.yaml"), workflow_type="train",
+                           meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
+                           **_train_overrides(modality, data[modality]))
+    train.initialize()
+    assert train.check_properties() == []
+    assert train.max_epochs == 1 and len(train.train_dataset) > 0
+    infer = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.yaml"), workflow_type="infer",
+                           meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
+                           dataset_dir=str(data[modality].parent), **TINY)
+    infer.initialize()
+    assert infer.check_properties() == []
+    # the default network (ResNet-50 / BiT R50x1) against metadata's input and "pred" output (2048 channels)
+    meta_file = bundle / "configs" / "metadata.json"
+    verify_net_in_out(net_id="network_def", meta_file=str(meta_file),
+                      config_file=str(bundle / "configs" / "inference.yaml"), device="cpu")
     meta = json.loads(meta_file.read_text())
-    assert meta["schema"] == OFFICIAL_SCHEMA
-    # MONAI's verifier with the repository's schema copy (raises on any violation; no download)
-    verify_metadata(meta_file=str(meta_file), filepath=str(BUNDLES / "meta_schema.json"))
-    # the same schema rejects the file once a required field is gone, so the check above can fail
-    schema = json.loads((BUNDLES / "meta_schema.json").read_text())
+    assert set(meta["network_data_format"]["outputs"]) == {"pred"} and meta["optional_packages_version"] == {}
+    assert meta["required_packages_version"] == {"medssl": "0.1.0"}
+    # offline: the schema copy inside the bundle (no download); the same schema rejects a broken file
+    verify_metadata(meta_file=str(meta_file), filepath=str(bundle / "configs" / "meta_schema.json"))
     broken = copy.deepcopy(meta)
     del broken["network_data_format"]["inputs"]["image"]["value_range"]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, schema)
-    for name in ("common", "pretrain", "evaluate", "multi_gpu", "export"):
-        assert (BUNDLES / modality / "configs" / f"{name}.yaml").is_file()
-    assert (BUNDLES / modality / "LICENSE").is_file() and (BUNDLES / modality / "docs" / "README.md").is_file()
+        jsonschema.validate(broken, json.loads((bundle / "configs" / "meta_schema.json").read_text()))
 
 
-def _inspect(path: Path, capsys: pytest.CaptureFixture) -> dict:
-    from medssl.cli import main
-
-    capsys.readouterr()
-    assert main(["weights", "inspect", str(path), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-def _check_evaluation(eval_dir: Path, fractions: list[float], trials: int) -> None:
-    """results.json's balanced accuracies equal sklearn's on the per-image predictions, per trial."""
-    import csv
-
-    results = json.loads((eval_dir / "results.json").read_text())
-    assert [b["fraction"] for b in results["results"]] == fractions
-    rows = list(csv.DictReader((eval_dir / "predictions.csv").open()))
-    for block in results["results"]:
-        assert len(block["trials"]) == trials
-        for trial in block["trials"]:
-            sel = [r for r in rows if float(r["fraction"]) == block["fraction"] and int(r["trial"]) == trial["trial"]]
-            expected = balanced_accuracy_score([r["true_label"] for r in sel], [r["predicted_label"] for r in sel])
-            assert trial["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
-    assert (eval_dir / "report.md").is_file()
-
-
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_pretrain_every_bundle_and_method(modality: str, method: str, tiny_manifest: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
-    augment_on = "device" if method == "swav" else "loader"  # SwAV multi-crop cut in batches by kornia
-    run_bundle(modality, ("common", "pretrain"), tmp_path, augment_on=augment_on,
-               **pretrain_overrides(tiny_manifest, method))
-    run_dir = tmp_path / "runs" / f"pretrain_{method}"
-    config = json.loads((run_dir / "config.json").read_text())
-    # the overrides reached the run, the bundle's own modality preset was kept
-    assert (config["method"], config["modality"], config["image_size"], config["iterations"],
-            config["augment_on"]) == (method, modality, 32, 2, augment_on)
-    assert config["method_options"] == TINY_HEADS[method]
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [s["iteration"] for s in steps if "loss" in s] == [1, 2]
-    assert all(np.isfinite(s["loss"]) for s in steps if "loss" in s)
-    record = _inspect(run_dir / "backbone.safetensors", capsys)
-    assert record["format"] == "medssl" and record["arch"] == "resnet18"
-    assert record["arch_kwargs"]["widen_factor"] == 0.25
-    # models/model.pt (for ckpt_export) holds exactly the exported network's tensors
-    model_pt = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    reference = export_network(run_dir / "backbone.safetensors").state_dict()
-    assert model_pt.keys() == reference.keys()
-    assert all(torch.equal(model_pt[k], reference[k]) for k in reference)
-    if method == "simclr":  # the evaluate config of this bundle, on the backbone just pretrained
-        protocol, fractions = EVAL_PROTOCOL[modality]
-        run_bundle(modality, ("common", "evaluate"), tmp_path, data=str(tiny_manifest), method=method,
-                   epochs=3 if protocol == "linear" else 1, required_splits=[], **TINY_NET)
-        eval_dir = tmp_path / "runs" / f"eval_simclr_{protocol}"
-        _check_evaluation(eval_dir, fractions, 3)
-        results = json.loads((eval_dir / "results.json").read_text())
-        assert results["name"] == "pretrain_simclr"
-        assert results["backbone"]["sha256"] != ""
+def test_train_preprocessing_is_the_modality_preset_and_follows_overrides(modality: str,
+                                                                          data: dict[str, Path]) -> None:
+    """train#preprocessing lists the reader, the intensity step and the view augmentations with the parameters of
+    the library preset (medssl.transforms.presets.MODALITIES) and cuts the preset's views at a seed; an overridden
+    crop scale changes them."""
+    import math
+
+    from monai.bundle import ConfigParser
+
+    from medssl.data.manifest import read_manifest
+    from medssl.transforms.presets import build_ssl_transform, get_spec
+
+    def parser(**override: object) -> ConfigParser:
+        p = ConfigParser()
+        p.read_config(str(bundle_path(modality) / "configs" / "train.yaml"))
+        p.update({"bundle_root": str(bundle_path(modality)), **_train_overrides(modality, data[modality], "simclr"),
+                  **override})
+        return p
+
+    p = parser()
+    names = [t["_target_"].rsplit(".", 1)[-1] for t in p["train#preprocessing#base#transforms"]]
+    assert names == ["LoadRecordd", "ScaleToUnitd"]
+    spec = get_spec(modality)
+    assert p.get_parsed_content("train#preprocessing#base#transforms#1").force_gray == spec.force_gray
+    steps = {}
+    for i, t in enumerate(p["train#preprocessing#views#augmentation#transforms"]):
+        obj = p.get_parsed_content(f"train#preprocessing#views#augmentation#transforms#{i}")
+        steps[type(obj).__name__ + str(t.get("spatial_axis", ""))] = obj
+    assert list(steps)[0] == "RandResizedCropd"
+    crop = steps["RandResizedCropd"]
+    assert (crop.scale, crop.size) == (spec.crop_scale, (32, 32)) and crop.ratio == pytest.approx(spec.crop_ratio)
+    assert steps["RandFlipd1"].prob == spec.hflip_p
+    assert (steps["RandFlipd0"].prob if "RandFlipd0" in steps else 0.0) == spec.vflip_p
+    assert (steps["RandRot90d"].prob if "RandRot90d" in steps else 0.0) == spec.rot90_p
+    if spec.rotate_p:
+        rotate = steps["RandRotated"]
+        assert (rotate.prob, rotate.max_radians) == (spec.rotate_p, pytest.approx(math.radians(spec.rotate_degrees)))
+    else:
+        assert "RandRotated" not in steps
+    jitter = steps["RandColorJitterd"]
+    assert jitter.strengths == (spec.brightness, spec.contrast, spec.saturation, spec.hue)
+    assert jitter.prob == spec.jitter_p
+    assert (steps["RandGrayscaled"].prob if "RandGrayscaled" in steps else 0.0) == spec.gray_p
+    blur = steps["RandGaussianBlurd"]
+    assert (blur.prob, blur.sigma_range) == (spec.blur_p, spec.blur_sigma)
+    # the same views as the library preset at the same seed (the YAML chain is the preset written out)
+    record = dict(read_manifest(data[modality])[0])
+    views = p.get_parsed_content("train#preprocessing").set_random_state(seed=7)(record)["views"]
+    reference = build_ssl_transform(modality, 32).set_random_state(seed=7)(record)["views"]
+    assert len(views) == len(reference) == 2 and all(v.shape == (3, 32, 32) for v in views)
+    assert all(torch.equal(a, b) for a, b in zip(views, reference))
+    key = "train#preprocessing#views#augmentation#transforms#0#scale"
+    changed = parser(**{key: [0.01, 0.02]}).get_parsed_content("train#preprocessing")
+    other = changed.set_random_state(seed=7)(record)["views"]
+    assert not torch.equal(other[0], views[0])
+    assert all(torch.equal(a, b) for a, b in zip(other, changed.set_random_state(seed=7)(record)["views"]))
 
 
-def test_dermatoscopy_defaults_from_a_bit_checkpoint(tiny_manifest: Path, tmp_path: Path) -> None:
-    """init = a GroupNorm ResNetV2 (BiT layout) checkpoint: the bundle's defaults give GN -> BN and nothing else
-    (Lu et al.: no Frobenius scaling, no dead-filter repair, weight standardisation kept)."""
-    from medssl.models import build_backbone
-    from medssl.weights import load_checkpoint, save_medssl_file
+def _features_of(bundle: Path, manifest: Path) -> tuple[list[str], torch.Tensor]:
+    """Features computed here from models/model.pt: MONAI CheckpointLoader into a FeatureExtractor, the bundle's
+    deterministic pipeline applied record by record."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader
 
-    torch.manual_seed(0)
-    bit = build_backbone("resnetv2_50x1", widen_factor=0.125)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bit.modules())
-    init = tmp_path / "bit_gn.safetensors"
-    save_medssl_file(init, bit.state_dict(), arch=bit.arch, arch_kwargs=bit.arch_kwargs,
-                     input_normalization={"mean": [0.5] * 3, "std": [0.5] * 3, "description": "BiT [-1,1]"},
-                     provenance={"format": "bit_npz"})
-    overrides = pretrain_overrides(tiny_manifest, "simsiam")
-    overrides.pop("arch")
-    overrides.update(init=str(init), small_stem=False, widen_factor=1.0)  # the checkpoint decides the network
-    run_bundle("dermatoscopy", ("common", "pretrain"), tmp_path, **overrides)
-    run_dir = tmp_path / "runs" / "pretrain_simsiam"
-    config = json.loads((run_dir / "config.json").read_text())
-    assert (config["norm"], config["scale_frobenius"], config["dead_filters"], config["fold_ws"]) == \
-        ("bn", False, "none", False)
-    assert config["optimizer"] == "sgd" and config["weight_decay"] == 5e-4 and config["momentum"] == 0.9
-    assert config["warmup_epochs"] == 0
-    assert config["lr"] == pytest.approx(0.03 * 4 / 256)  # Lu et al.: 0.03 x batch / 256
-    out = load_checkpoint(run_dir / "backbone.safetensors")
-    assert out.arch == "resnetv2_50x1" and out.arch_kwargs["norm"] == "bn"
-    assert out.input_normalization["mean"] == [0.5] * 3
-    done = {op["operation"]: op for op in out.provenance["operations"]}
-    assert "gn_to_bn" in done and not {"frobenius_scaling", "dead_filter_repair", "fold_weight_standardization"} & set(done)
-    assert done["gn_to_bn"]["count"] == sum(isinstance(m, torch.nn.GroupNorm) for m in bit.modules())
+    from medssl.data.manifest import read_manifest
+    from medssl.models import FeatureExtractor, build_backbone
 
-
-def test_ciga_bundle_p2x_from_a_checkpoint_scales_with_the_paper_rule(tiny_manifest: Path, tmp_path: Path) -> None:
-    """init = a BatchNorm ResNet checkpoint with conv norms > 1 and a dead filter: the histology bundle's
-    defaults apply Ciga et al.'s Frobenius scaling (paper rule) and dead-filter copy before pretraining."""
-    from medssl.models import build_backbone
-    from medssl.weights import load_checkpoint, save_medssl_file
-
-    torch.manual_seed(0)
-    net = build_backbone("resnet18", small_stem=True, widen_factor=0.25)
+    net = FeatureExtractor(build_backbone("resnet18", small_stem=True, widen_factor=0.25)).eval()
+    CheckpointLoader(load_path=str(bundle / "models" / "model.pt"), load_dict={"model": net}, strict=True)(Engine(
+        lambda e, b: None))
+    p = ConfigParser()
+    p.read_config(str(bundle / "configs" / "inference.yaml"))
+    p.update({"bundle_root": str(bundle), **TINY})
+    transform = p.get_parsed_content("preprocessing")
+    records = read_manifest(manifest)
     with torch.no_grad():
-        net.conv1.weight.mul_(10.0)  # Frobenius norm well above 1
-        net.layer1[0].conv1.weight[0].zero_()  # a dead filter
-    init = tmp_path / "imagenet_ssl.safetensors"
-    save_medssl_file(init, net.state_dict(), arch=net.arch, arch_kwargs=net.arch_kwargs,
-                     input_normalization={"mean": [0.5] * 3, "std": [0.25] * 3, "description": "test"},
-                     provenance={"format": "torchvision"})
-    overrides = pretrain_overrides(tiny_manifest, "simclr")
-    overrides.update(init=str(init))
-    run_bundle("histology", ("common", "pretrain"), tmp_path, **overrides)
-    config = json.loads((tmp_path / "runs" / "pretrain_simclr" / "config.json").read_text())
-    assert (config["scale_frobenius"], config["frobenius_rule"], config["dead_filters"], config["fold_ws"]) == \
-        (True, "paper", "copy", False)
-    done = {op["operation"]: op for op in load_checkpoint(
-        tmp_path / "runs" / "pretrain_simclr" / "backbone.safetensors").provenance["operations"]}
-    assert done["frobenius_scaling"]["rule"] == "paper" and done["frobenius_scaling"]["count"] >= 1
-    assert done["dead_filter_repair"]["mode"] == "copy" and done["dead_filter_repair"]["count"] >= 1
+        feats = torch.cat([net(transform(dict(r))["image"][None]) for r in records])
+    return [r["id"] for r in records], feats
 
 
-def test_bundle_refuses_data_without_the_protocol_splits(tiny_manifest: Path, tmp_path: Path) -> None:
-    """The dermatoscopy bundle needs Lu et al.'s pretrain/train/test split: a train/val/test manifest is refused
-    with one line naming the file and the missing split, before anything is written."""
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_train_evaluate_infer_on_real_images(modality: str, data: dict[str, Path], tmp_path: Path) -> None:
+    bundle = _copy(modality, tmp_path)
+    manifest = data[modality]
+    method = DEFAULT_METHOD[modality]
+    _run(bundle, ("train",), **_train_overrides(modality, manifest))
+    run_dir = bundle / "runs" / f"pretrain_{method}"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in lines if "loss" in s] == [1, 2]
+    assert all(np.isfinite(s["loss"]) for s in lines if "loss" in s)
+    assert any("knn_balanced_accuracy" in s for s in lines)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["modality"], config["iterations"], config["image_size"]) == (modality, 2, 32)
+    # models/model.pt: {"model": normalisation + backbone}, the same tensors as models/backbone.safetensors
+    from medssl.weights import load_checkpoint
+
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    medssl_file = load_checkpoint(bundle / "models" / "backbone.safetensors")
+    assert set(state) == {"model"}
+    backbone = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    assert backbone.keys() == medssl_file.backbone.keys()
+    assert all(torch.equal(backbone[k], medssl_file.backbone[k]) for k in backbone)
+    # evaluation of the bundle's own backbone (kNN, one trial): balanced accuracy equals sklearn's
+    _run(bundle, ("train", "evaluate"), data=str(manifest), method=method, protocol="knn", trials=1,
+         fractions=[1.0], **TINY)
+    eval_dir = bundle / "runs" / f"eval_{method}_knn"
+    results = json.loads((eval_dir / "results.json").read_text())
+    rows = list(csv.DictReader((eval_dir / "predictions.csv").open()))
+    expected = balanced_accuracy_score([r["true_label"] for r in rows], [r["predicted_label"] for r in rows])
+    assert results["results"][0]["trials"][0]["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert results["name"] == f"pretrain_{method}"
+    # inference: features of every record, as computed here from models/model.pt
+    _run(bundle, ("inference",), dataset_dir=str(manifest.parent), data=str(manifest), workers=0, **TINY)
+    out = np.load(bundle / "runs" / "inference" / "features.npz")
+    ids, reference = _features_of(bundle, manifest)
+    assert list(out["ids"]) == ids
+    np.testing.assert_allclose(out["features"], reference.numpy(), atol=1e-5, rtol=0)
+    if modality == "xray":  # TorchScript from models/model.pt alone (no runs/ folder)
+        import shutil
+
+        from monai.bundle import ckpt_export
+
+        shutil.rmtree(bundle / "runs")
+        ts_file = bundle / "models" / "model.ts"
+        ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(bundle / "models" / "model.pt"),
+                    key_in_ckpt="model", meta_file=str(bundle / "configs" / "metadata.json"),
+                    config_file=str(bundle / "configs" / "inference.yaml"), bundle_root=str(bundle), **TINY)
+        exported = torch.jit.load(str(ts_file))
+        from monai.bundle import ConfigParser
+
+        from medssl.data.manifest import read_manifest
+
+        p = ConfigParser()
+        p.read_config(str(bundle / "configs" / "inference.yaml"))
+        p.update({"bundle_root": str(bundle), **TINY})
+        transform = p.get_parsed_content("preprocessing")
+        images = torch.stack([transform(dict(r))["image"] for r in read_manifest(manifest)])
+        with torch.no_grad():
+            torch.testing.assert_close(exported(images), reference, atol=1e-5, rtol=0)
+
+
+def test_tracking_patch_finds_the_trainer_and_its_handlers() -> None:
+    """``--tracking mlflow`` (MONAI's patch) appends its handler to train#handlers of train#trainer."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    for modality in MODALITIES:
+        parser = ConfigParser()
+        parser.read_config(str(bundle_path(modality) / "configs" / "train.yaml"))
+        before = len(parser["train#handlers"])
+        ConfigWorkflow.patch_bundle_tracking(parser, copy.deepcopy(DEFAULT_MLFLOW_SETTINGS))
+        assert parser["train#trainer#train_handlers"].replace("::", "#") == "@train#handlers"
+        assert len(parser["train#handlers"]) == before + 1
+        assert parser["train#handlers"][-1]["_target_"] == "MLFlowHandler"
+
+
+def test_dermatoscopy_refuses_data_without_lu_et_al_splits(data: dict[str, Path], tmp_path: Path) -> None:
     from medssl.errors import MedsslError
 
-    overrides = pretrain_overrides(tiny_manifest, "simsiam")
-    overrides.pop("required_splits")
+    bundle = _copy("dermatoscopy", tmp_path)
     with pytest.raises(RuntimeError) as info:  # monai.bundle wraps the error of a config expression
-        run_bundle("dermatoscopy", ("common", "pretrain"), tmp_path, **overrides)
+        _run(bundle, ("train",), **_train_overrides("dermatoscopy", data["ultrasound"]))
     cause = info.value
     while cause is not None and not isinstance(cause, MedsslError):
         cause = cause.__cause__
-    assert cause is not None
-    message = str(cause)
-    assert "\n" not in message and str(tiny_manifest) in message and "pretrain" in message
-    assert not (tmp_path / "runs").exists()
+    assert cause is not None and "\n" not in str(cause)
+    assert str(data["ultrasound"]) in str(cause) and "pretrain" in str(cause)
+    assert not (bundle / "runs").exists()
 
 
-def test_resolve_weights_reads_registry_names_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from medssl.bundle_utils import resolve_weights
-    from medssl.errors import MedsslError
-    from medssl.weights.registry import registry
-
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path))
-    monkeypatch.setenv("MEDSSL_OFFLINE", "1")
-    cached = tmp_path / registry()["swav_800ep"].filename
-    cached.write_bytes(b"stand-in")  # no checksum in the registry for this entry: the cached file is used
-    assert resolve_weights("swav_800ep", what="init") == str(cached)
-    assert resolve_weights("random", what="init") == "random"
-    assert resolve_weights(cached, what="init") == str(cached)
-    with pytest.raises(MedsslError, match="no such checkpoint file"):
-        resolve_weights(tmp_path / "missing.pth", what="init")
-
-
-def test_run_from_the_bundle_folder_with_default_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No --bundle_root: data is read from ./data/manifest.jsonl, outputs go to ./runs and ./models."""
-    import shutil
-
-    from monai.bundle import run
-
-    from medssl.data.synthetic import write_synthetic_dataset
-
-    bundle = tmp_path / "mri"
-    shutil.copytree(BUNDLES / "mri", bundle)
-    write_synthetic_dataset(bundle / "data", per_class=4, size=32)
-    monkeypatch.chdir(bundle)
-    overrides = pretrain_overrides(Path("unused"), "simclr")
-    overrides.pop("data")
-    run(config_file=["configs/common.yaml", "configs/pretrain.yaml"], **overrides)
-    config = json.loads((bundle / "runs" / "pretrain_simclr" / "config.json").read_text())
-    assert Path(config["data"]).resolve() == (bundle / "data" / "manifest.jsonl").resolve()
-    assert (bundle / "runs" / "pretrain_simclr" / "backbone.safetensors").is_file()
-    assert (bundle / "models" / "model.pt").is_file()
+def test_resume_from_the_bundle_equals_an_uninterrupted_run(data: dict[str, Path], tmp_path: Path) -> None:
+    """4 steps (crossing an epoch boundary: 8 images, batch 4) in one go, or stopped after 2 and resumed."""
+    overrides = {**_train_overrides("ultrasound", data["ultrasound"]), "iterations": 4, "knn_every": 0}
+    whole = _copy("ultrasound", tmp_path / "a")
+    _run(whole, ("train",), **overrides)
+    parts = _copy("ultrasound", tmp_path / "b")
+    _run(parts, ("train",), **overrides, stop_after=2)
+    assert not (parts / "models" / "model.pt").exists()
+    _run(parts, ("train",), **overrides, resume=True)
+    a = torch.load(whole / "models" / "model.pt", weights_only=True)["model"]
+    b = torch.load(parts / "models" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) == 0.0
+    losses = [[json.loads(x)["loss"] for x in (root / "runs" / "pretrain_simclr" / "metrics.jsonl").read_text()
+               .splitlines()] for root in (whole, parts)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
-def test_evaluate_random_backbone_knn(tiny_manifest: Path, tmp_path: Path) -> None:
-    run_bundle("histology", ("common", "evaluate"), tmp_path, data=str(tiny_manifest), backbone="random",
-               protocol="knn", fractions=[1.0], trials=1, **TINY_NET)
-    eval_dir = tmp_path / "runs" / "eval_simclr_knn"
-    _check_evaluation(eval_dir, [1.0], 1)
-    results = json.loads((eval_dir / "results.json").read_text())
-    assert results["name"] == "Random" and results["backbone"]["arch_kwargs"]["widen_factor"] == 0.25
-
-
-def test_ckpt_export_gives_the_checkpoint_features(tiny_manifest: Path, tmp_path: Path) -> None:
-    from monai.bundle import ckpt_export
-
-    from medssl.models import InputNormalization
-    from medssl.weights import build_from_checkpoint
-
-    run_bundle("xray", ("common", "pretrain"), tmp_path, **pretrain_overrides(tiny_manifest, "byol"))
-    backbone_file = tmp_path / "runs" / "pretrain_byol" / "backbone.safetensors"
-    ts_file = tmp_path / "models" / "model.ts"
-    ckpt_export(net_id="network_def", filepath=str(ts_file), ckpt_file=str(tmp_path / "models" / "model.pt"),
-                meta_file=str(BUNDLES / "xray" / "configs" / "metadata.json"),
-                config_file=configs("xray", "common", "export"), bundle_root=str(tmp_path), method="byol")
-    exported = torch.jit.load(str(ts_file))
-    model, loaded = build_from_checkpoint(backbone_file)
-    normalization = InputNormalization.from_spec(loaded.input_normalization)
-    x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model.forward_features(normalization(x))
-        got = exported(x)
-    assert got.shape == (3, model.num_features)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    # mean/std in the export are the checkpoint's (ImageNet for a random-init run), applied to [0,1] inputs
-    mean = torch.tensor(loaded.input_normalization["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(loaded.input_normalization["std"]).view(1, 3, 1, 1)
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x), model.forward_features((x - mean) / std), atol=1e-5, rtol=0)
-
-
-def test_write_model_file_skips_unfinished_runs_and_other_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    from medssl.models import build_backbone
-    from medssl.weights import save_medssl_file
-
-    torch.manual_seed(0)
-    net = build_backbone("resnet18", small_stem=True, widen_factor=0.125)
-    spec = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "description": "test"}
-    ckpt = tmp_path / "b.safetensors"
-    save_medssl_file(ckpt, net.state_dict(), arch=net.arch, arch_kwargs=net.arch_kwargs, input_normalization=spec,
-                     provenance={})
-    assert write_model_file(tmp_path / "missing.safetensors", tmp_path / "m.pt") is None
-    assert not (tmp_path / "m.pt").exists()
-    monkeypatch.setenv("RANK", "1")
-    assert write_model_file(ckpt, tmp_path / "m.pt") is None and not (tmp_path / "m.pt").exists()
-    monkeypatch.setenv("RANK", "0")
-    assert write_model_file(ckpt, tmp_path / "m.pt") == tmp_path / "m.pt"
-    state = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert torch.equal(state["normalization.mean"].flatten(), torch.tensor(spec["mean"]))
-    assert all(torch.equal(state[f"backbone.{k}"], v) for k, v in net.state_dict().items())
-    x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(export_network(ckpt)(x), net.eval()(2 * (2 * x - 1)), atol=1e-5, rtol=0)
-
-
-def test_torchrun_two_cpu_processes_write_one_set_of_outputs(tiny_manifest: Path, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2 -m monai.bundle run`` with multi_gpu.yaml, from the bundle folder."""
-    root = tmp_path / "root"
+def test_torchrun_two_cpu_processes_write_one_set_of_outputs(data: dict[str, Path], tmp_path: Path) -> None:
+    bundle = _copy("ultrasound", tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "monai.bundle", "run",
-           "--config_file", "['configs/common.yaml','configs/pretrain.yaml','configs/multi_gpu.yaml']",
-           "--bundle_root", str(root), "--data", str(tiny_manifest), "--method", "simsiam", "--init", "random",
-           "--iterations", "2",
-           "--batch_size", "2", "--image_size", "32", "--arch", "resnet18", "--small_stem", "True",
-           "--widen_factor", "0.25", "--workers", "0", "--knn_every", "0", "--progress", "False",
-           "--method_options", json.dumps(TINY_HEADS["simsiam"])]
+           "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']",
+           "--bundle_root", str(bundle), "--data", str(data["ultrasound"]), "--method", "simsiam",
+           "--init", "random", "--iterations", "2", "--batch_size", "2", "--image_size", "32", "--arch", "resnet18",
+           "--small_stem", "True", "--widen_factor", "0.25", "--workers", "0", "--knn_every", "0",
+           "--method_options", json.dumps(HEADS["simsiam"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=BUNDLES / "ultrasound", env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = root / "runs" / "pretrain_simsiam"
+    run_dir = bundle / "runs" / "pretrain_simsiam"
     config = json.loads((run_dir / "config.json").read_text())
-    # SimSiam default lr scales with the global batch: 0.05 x (2 per process x 2 processes) / 256
-    assert config["lr"] == pytest.approx(0.05 * 4 / 256)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines if "loss" in json.loads(line)] == [1, 2]
-    assert sorted(p.name for p in root.rglob("*.safetensors")) == ["backbone.safetensors"]
-    assert sorted(p.name for p in root.rglob("metrics.jsonl")) == ["metrics.jsonl"]
-    assert (root / "models" / "model.pt").is_file()
+    assert config["lr"] == pytest.approx(0.05 * 4 / 256)  # SimSiam: 0.05 x global batch (2 x 2) / 256
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in lines if "loss" in s] == [1, 2]
+    assert len(list((run_dir / "tb").iterdir())) == 1
+    assert sorted(p.name for p in bundle.rglob("*.pt")) == ["checkpoint_00000002.pt", "model.pt"]
+
+
+def test_bundle_init_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from medssl.cli import main
+
+    dest = tmp_path / "mine"
+    assert main(["bundle", "init", "mri", str(dest)]) == 0
+    written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(bundle_path("mri")).as_posix() for p in bundle_path("mri").rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts)
+    assert written == shipped and set(FILES) <= set(written)
+    assert all((dest / f).read_bytes() == (bundle_path("mri") / f).read_bytes() for f in written)
+    assert main(["bundle", "init", "mri", str(dest)]) == 2  # not empty: refused, nothing changed
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_package_data_ships_every_bundle_file() -> None:
+    """Every file of every bundle matches a package-data pattern of pyproject.toml (the wheel carries it)."""
+    import fnmatch
+
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["medssl"]
+    package = repo / "medssl"
+    for modality in MODALITIES:
+        for path in (package / "bundles" / modality).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                rel = path.relative_to(package).as_posix()
+                assert any(fnmatch.fnmatch(rel, p) for p in patterns), rel
+
+
+@pytest.mark.parametrize("modality", ["histology", "dermatoscopy"])
+def test_start_weights_are_prepared_as_the_recipe_says(modality: str, data: dict[str, Path], tmp_path: Path) -> None:
+    """init = a checkpoint: Ciga et al.'s bundles apply Frobenius scaling (paper rule) and dead-filter copy; Lu
+    et al.'s converts GroupNorm -> BatchNorm and nothing else. The written backbone records what was done."""
+    from medssl.models import build_backbone
+    from medssl.weights import load_checkpoint, save_medssl_file
+
+    torch.manual_seed(0)
+    if modality == "histology":
+        net = build_backbone("resnet18", small_stem=True, widen_factor=0.25)
+        with torch.no_grad():
+            net.conv1.weight.mul_(10.0)  # Frobenius norm well above 1
+            net.layer1[0].conv1.weight[0].zero_()  # a dead filter
+        overrides = {**_train_overrides(modality, data[modality])}
+    else:
+        net = build_backbone("resnetv2_50x1", widen_factor=0.125)
+        overrides = {**_train_overrides(modality, data[modality]), "arch": "resnetv2_50x1", "small_stem": False,
+                     "widen_factor": 0.125}
+    init = tmp_path / "start.safetensors"
+    save_medssl_file(init, net.state_dict(), arch=net.arch, arch_kwargs=net.arch_kwargs,
+                     input_normalization={"mean": [0.5] * 3, "std": [0.25] * 3, "description": "test"},
+                     provenance={"format": "torchvision"})
+    bundle = _copy(modality, tmp_path)
+    _run(bundle, ("train",), **{**overrides, "init": str(init), "knn_every": 0})
+    out = load_checkpoint(bundle / "models" / "backbone.safetensors")
+    done = {op["operation"]: op for op in out.provenance["operations"]}
+    assert out.input_normalization["std"] == [0.25] * 3  # the init checkpoint's normalisation is kept
+    if modality == "histology":
+        assert done["frobenius_scaling"]["rule"] == "paper" and done["frobenius_scaling"]["count"] >= 1
+        assert done["dead_filter_repair"]["mode"] == "copy" and done["dead_filter_repair"]["count"] >= 1
+    else:
+        assert set(done) == {"gn_to_bn"}
+        assert done["gn_to_bn"]["count"] == sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+        assert out.arch == "resnetv2_50x1" and out.arch_kwargs["norm"] == "bn"

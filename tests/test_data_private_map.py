@@ -1,9 +1,10 @@
 """No identifiers in the paths of shareable files (issue 12, item 2).
 
 A PACS-like export whose folder and file names carry a patient's name, birth date and MRN goes through
-``medssl ingest`` -> ``manifest split`` -> ``pretrain`` -> ``evaluate``: none of these strings may appear in any
-file except the private map ``<manifest>.private.jsonl`` (mode 0600), nor on stdout/stderr or in the logs,
-while the manifest still loads with the real file paths.
+``medssl ingest`` -> ``manifest split`` -> ``pretrain`` -> ``evaluate`` -> ``report``: none of these strings may
+appear in any file except the private map ``<manifest>.private.jsonl`` (mode 0600), nor on stdout/stderr or in
+the logs, while the manifest still loads with the real file paths. Every file is searched as bytes (binary ones
+too: checkpoints, safetensors, TensorBoard events, feature caches, plots).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,12 @@ from medssl.data.private_map import private_map_path, read_errors
 from medssl.data.sources import records_from_path
 
 NAME, BIRTH, MRN = "DOE^JOHN", "19450314", "MRN123456"
-NEEDLES = (NAME, BIRTH, MRN, "DOE", "JOHN")
+#: searched in every byte of every file (case-insensitive): long enough that random bytes (weights, features,
+#: compressed plots) never hold them by chance, and covering the ways a name, date or MRN is re-formatted
+BYTE_NEEDLES = tuple(n.lower().encode() for n in (NAME, "DOE JOHN", "JOHN DOE", "DOE_JOHN", "DOE, JOHN", BIRTH,
+                                                   "1945-03-14", "14.03.1945", MRN, "123456"))
+#: the name parts alone, searched where bytes decode as text (not next to other letters, so "does" is no hit)
+NAME_PARTS = re.compile(r"(?<![a-z])(doe|john)(?![a-z])", re.IGNORECASE)
 CR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"
 KEY = "5f1c0e4a9b7d2c3e8a6f4b1d0c9e7a2b"  # 128 bits, hex
 
@@ -69,17 +76,28 @@ def _export(root: Path) -> dict[str, str]:
     return labels
 
 
-def _assert_clean(where: str, text: str) -> None:
-    for needle in NEEDLES:
-        assert needle.lower() not in text.lower(), f"{needle!r} leaked into {where}"
+def _assert_clean(where: str, data: str | bytes) -> None:
+    """No identifier in ``data``: :data:`BYTE_NEEDLES` in any bytes, :data:`NAME_PARTS` where they are text."""
+    raw = data.encode() if isinstance(data, str) else data
+    lowered = raw.lower()
+    for needle in BYTE_NEEDLES:
+        assert needle not in lowered, f"{needle!r} leaked into {where}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # binary: the long needles above cover names, dates and MRNs in paths and headers
+        return
+    hit = NAME_PARTS.search(text)
+    assert hit is None, f"{hit.group(0)!r} leaked into {where}"
 
 
-def _files_text(folder: Path, skip: set[Path] = frozenset()) -> dict[str, str]:
-    """Every file below ``folder`` (names and contents, binary files decoded leniently)."""
+def _files_bytes(folder: Path, skip: set[Path] = frozenset()) -> dict[str, bytes]:
+    """Every file below ``folder``: its path relative to ``folder`` (checked on its own) and its bytes."""
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path not in skip:
-            out[str(path.relative_to(folder))] = path.name + "\n" + path.read_bytes().decode("latin-1")
+            rel = str(path.relative_to(folder))
+            out[f"{folder.name}/{rel}"] = path.read_bytes()
+            out[f"the name of {folder.name}/{rel}"] = rel.encode()
     return out
 
 
@@ -102,7 +120,7 @@ def test_ingest_keeps_paths_only_in_the_private_map(ingested):
     private = private_map_path(manifest)
     assert private.stat().st_mode & 0o777 == 0o600
     assert NAME in private.read_text() and MRN in private.read_text()
-    for where, text in {**_files_text(work, {private}), "stdout": captured.out, "stderr": captured.err,
+    for where, text in {**_files_bytes(work, {private}), "stdout": captured.out, "stderr": captured.err,
                         "logs": logs}.items():
         _assert_clean(where, text)
     assert {p.name for p in work.iterdir()} == {"cxr.jsonl", "cxr.jsonl.private.jsonl", "cxr.errors.jsonl",
@@ -138,7 +156,7 @@ def test_private_map_survives_a_rerun_and_a_moved_manifest(ingested, tmp_path):
         records_from_path(lonely)
 
 
-def test_pretrain_and_evaluate_leave_no_identifier_in_their_folders(ingested, capfd):
+def test_pretrain_evaluate_and_report_leave_no_identifier_in_their_folders(ingested, capfd):
     export, labels, work, manifest, _, _ = ingested
     # join labels by record id (as a user would, from the private map's paths) and split by patient
     private = {e["id"]: e["image"] for e in map(json.loads, private_map_path(manifest).read_text().splitlines())
@@ -159,11 +177,17 @@ def test_pretrain_and_evaluate_leave_no_identifier_in_their_folders(ingested, ca
     assert main(["evaluate", "--backbone", str(run / "backbone.safetensors"), "--data", str(split), "--name", "P1X",
                  "--protocol", "linear", "--fractions", "1.0", "--trials", "1", "--epochs", "2",
                  "--batch-size", "8", "--bootstrap", "1000", "--out", str(evals)]) == 0
+    reports = work / "reports"
+    assert main(["report", str(evals), "-o", str(reports), "--pretrain-runs", str(run)]) == 0
     captured = capfd.readouterr()
-    for where, text in {**_files_text(run), **_files_text(evals), "stdout": captured.out,
-                        "stderr": captured.err}.items():
-        _assert_clean(where, text)
-    assert not list(run.rglob("*.private.jsonl")) and not list(evals.rglob("*.private.jsonl"))
+    scanned = {**_files_bytes(run), **_files_bytes(evals), **_files_bytes(reports)}
+    kinds = {Path(name).suffix for name in scanned if not name.startswith("the name of")}
+    assert {".safetensors", ".pt", ".json", ".jsonl", ".csv", ".md", ".png", ".npy"} <= kinds, kinds
+    assert any("tfevents" in name for name in scanned)
+    for where, data in {**scanned, "stdout": captured.out, "stderr": captured.err}.items():
+        _assert_clean(where, data)
+    for folder in (run, evals, reports):
+        assert not list(folder.rglob("*.private.jsonl"))
     predictions = (evals / "predictions.csv").read_text()
     assert {line.split(",")[0] for line in predictions.splitlines()[1:]} <= {r["id"] for r in lines}
 

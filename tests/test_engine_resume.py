@@ -83,8 +83,9 @@ def test_refuses_non_empty_run_dir(tiny_folder, tmp_path, capsys):
 
 
 def test_device_augmentation_resumes_exactly_and_cuts_the_views_itself(tiny_folder, tmp_path, monkeypatch):
-    """``augment_on="device"``: the loader delivers 72 px base images (2 x 32 + centre crop) and the trainer cuts
-    2 global + 2 local SwAV views with kornia; 3 steps + resume + 3 equal 6 straight steps."""
+    """``augment_on="device"``: the loader delivers the 36 px images at their stored size (never enlarged to the
+    2 x 32 px base) and the trainer cuts 2 global + 2 local SwAV views with kornia; 3 steps + resume + 3 equal 6
+    straight steps."""
     from medssl.engines.trainer import PretrainingTrainer
 
     seen: list[tuple] = []
@@ -99,7 +100,7 @@ def test_device_augmentation_resumes_exactly_and_cuts_the_views_itself(tiny_fold
     monkeypatch.setattr(PretrainingTrainer, "_views", spy)
     straight = run_pretraining(_config(tiny_folder, tmp_path / "straight", "swav", augment_on="device"),
                                progress=False)
-    assert seen[0] == ((8, 3, 64, 64), [(8, 3, 32, 32)] * 2 + [(8, 3, 14, 14)] * 2)
+    assert seen[0] == ((8, 3, 36, 36), [(8, 3, 32, 32)] * 2 + [(8, 3, 14, 14)] * 2)
     run_pretraining(_config(tiny_folder, tmp_path / "stopped", "swav", augment_on="device", stop_after=3),
                     progress=False)
     run_pretraining(PretrainConfig(out=str(tmp_path / "stopped")), resume=True, progress=False)

@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 from medssl.engines.checkpoint import capture_rng_state, restore_rng_state
 from medssl.engines.config import PretrainConfig
 from medssl.engines.handlers import CollapseMonitor, collapse_statistic, split_reference_query
-from medssl.engines.knn import extract_features, weighted_knn_predict
+from medssl.engines.knn import image_features, weighted_knn_predict
 from medssl.engines.optim import LARS, build_optimizer, default_param_groups
 from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, epoch_permutation
 from medssl.engines.schedules import WarmupCosineSchedule, warmup_cosine_lr
@@ -106,18 +106,19 @@ def test_weighted_knn_matches_naive_loop():
     np.testing.assert_array_equal(pred.numpy(), ref_pred)
 
 
-def test_extract_features_restores_mode_and_balanced_accuracy():
+def test_image_features_restores_mode_and_balanced_accuracy():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4), torch.nn.BatchNorm1d(4))
     model.train()
-    images = torch.randn(10, 3, 2, 2)
-    labels = torch.tensor([0, 1] * 5)
-    loader = [{"image": images[:6], "label": labels[:6]}, {"image": images[6:], "label": labels[6:]}]
-    feats, labs = extract_features(model, loader, "cpu")
+    images = torch.randint(0, 256, (10, 3, 2, 2), dtype=torch.uint8)
+    feats = image_features(model, images, "cpu", batch_size=6)
     assert model.training
     model.eval()
     with torch.no_grad():
-        np.testing.assert_allclose(feats.numpy(), model(images).numpy(), rtol=1e-5, atol=1e-6)
-    assert labs.dtype == torch.int64 and labs.tolist() == labels.tolist()
+        np.testing.assert_allclose(feats.numpy(), model(images.double().div(255).float()).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        gray = images[:, :1]  # one stored channel is expanded to three
+        np.testing.assert_allclose(image_features(model, gray, "cpu").numpy(),
+                                   model(gray.repeat(1, 3, 1, 1).float() / 255).numpy(), rtol=1e-5, atol=1e-6)
     # kNN on well separated clusters: balanced accuracy 1
     centers = torch.eye(3) * 5
     ref = torch.cat([centers[c] + 0.1 * torch.randn(5, 3) for c in range(3)])

@@ -12,7 +12,6 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from medssl.evaluation.features import (
-    NormalizedBackbone,
     cached_features,
     clear_memory_cache,
     module_sha256,
@@ -20,7 +19,7 @@ from medssl.evaluation.features import (
 from medssl.evaluation.fractions import label_fraction_subsets
 from medssl.evaluation.protocols.knn import knn_predict_proba
 from medssl.evaluation.run import run_evaluation
-from medssl.models import InputNormalization, build_backbone
+from medssl.models import FeatureExtractor, InputNormalization, build_backbone
 
 CLASSES = ("a", "b", "c")
 
@@ -45,6 +44,7 @@ def _transform(record):
 
 
 def test_linear_probe_changes_no_backbone_parameter_or_bn_buffer(tmp_path):
+    clear_memory_cache()  # an earlier test in this process may hold these very features in memory (no file then)
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_stem=True, widen_factor=0.125)
     backbone.train()  # the protocol must put it in eval mode itself (BN buffers would move otherwise)
@@ -60,7 +60,7 @@ def test_linear_probe_changes_no_backbone_parameter_or_bn_buffer(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["results"][-1]["summary"]["balanced_accuracy"]["mean"] > 0.6  # class signal is learnt
     # the cache files hold exactly the frozen features of each split
-    extractor = NormalizedBackbone(backbone, InputNormalization.from_spec(res["backbone"]["input_normalization"]))
+    extractor = FeatureExtractor(backbone, InputNormalization.from_spec(res["backbone"]["input_normalization"]))
     test_recs = [r for r in _records() if r["split"] == "test"]
     with torch.no_grad():
         direct = extractor.eval()(torch.stack([_transform(r)["image"] for r in test_recs])).numpy()
@@ -72,7 +72,7 @@ def test_linear_probe_changes_no_backbone_parameter_or_bn_buffer(tmp_path):
 
 def test_feature_cache_reuses_disk_and_keys_on_the_network(tmp_path):
     torch.manual_seed(0)
-    net = NormalizedBackbone(build_backbone("resnet18", small_stem=True, widen_factor=0.125),
+    net = FeatureExtractor(build_backbone("resnet18", small_stem=True, widen_factor=0.125),
                              InputNormalization([0.5] * 3, [0.5] * 3))
     recs = _records((6, 0, 0))
     kw = dict(cache_dir=tmp_path, manifest_hash="m", transform_desc="t", batch_size=4)
@@ -151,7 +151,7 @@ def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tm
     for k in before:  # the caller's backbone is copied, never modified
         assert torch.equal(before[k], backbone.state_dict()[k]), k
     (model, record), = trained
-    conv = "backbone.conv1.weight"
+    conv = "extractor.backbone.conv1.weight"
     assert not torch.equal(model.state_dict()[conv], before["conv1.weight"])  # the whole network was trained
     assert 1 <= record["best_epoch"] <= 3
     res = json.loads((out / "results.json").read_text())

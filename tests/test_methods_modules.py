@@ -63,9 +63,10 @@ def test_forward_backward_and_param_groups(name):
     for g in groups:
         assert g["lr"] == 0.1
         for p in g["params"]:
-            assert g["exclude_from_lars"] == (p.ndim <= 1)
-            # SimSiam's code decays every parameter; the others keep biases and norm weights out of decay
-            assert (g["weight_decay"] == 0.0) == (p.ndim <= 1 and name != "simsiam")
+            # SwAV's code applies LARC to every parameter; SimCLR and BYOL keep biases and norm weights out
+            assert g["exclude_from_lars"] == (p.ndim <= 1 and name != "swav")
+            # SimSiam's and SwAV's code decay every parameter; SimCLR and BYOL keep biases and norm weights out
+            assert (g["weight_decay"] == 0.0) == (p.ndim <= 1 and name not in ("simsiam", "swav"))
         if name == "simsiam":
             names = {id(p) for p in method.predictor.parameters()}
             assert g["fixed_lr"] == all(id(p) in names for p in g["params"])

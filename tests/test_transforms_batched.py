@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform
+from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform, stack_images
 from medssl.transforms.presets import MODALITIES
 
 
@@ -38,10 +38,12 @@ def test_batched_base_transform_stacks_real_images(shared_data):
         {"id": str(i), "image": str(p), "source": "image", "label": "benign"}
         for i, p in enumerate(sorted((shared_data / "busi" / "benign").glob("*.png"))[:3])
     ]
-    batch = torch.stack([base(r)["image"] for r in records])
-    assert batch.shape == (3, 3, 40, 40) and 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0
+    batch = stack_images([base(r)["image"] for r in records])
+    # BUSI PNGs are gray saved as RGB: kept as 1 channel, shrunk 256 -> 40 px
+    assert batch.shape == (3, 1, 40, 40) and 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0
     views = BatchedSSLAugment("ultrasound", 24)(batch)
     assert [tuple(v.shape) for v in views] == [(3, 3, 24, 24)] * 2
+    assert all(v.stride(1) == 0 for v in views)  # expanded to 3 channels last, as a view
 
 
 def test_batched_rejects_wrong_layout():

@@ -11,6 +11,7 @@ from medssl.data.deid import DEFAULT_KEY_ENV, Pseudonymizer
 from medssl.data.ingest import IngestOptions, default_errors_path, format_summary, ingest_dicom, parse_frames
 from medssl.data.manifest import check_records, read_manifest, write_manifest
 from medssl.data.splits import class_counts, nested_subsamples, require_field, split_records
+from medssl.data.store import store_dir, validate_store
 from medssl.data.verify import decode_failures, write_cleaned
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_json
@@ -61,15 +62,18 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    store = store_dir(args.manifest)  # a prepared store (folder or its manifest.jsonl): also index/shards/checksums
+    manifest = store / "manifest.jsonl" if store is not None else args.manifest
     try:
-        records = read_manifest(args.manifest)
+        store_problems = validate_store(store, progress=not args.no_progress) if store is not None else []
+        records = read_manifest(manifest)
     except MedsslError as exc:
         print(f"problem: {exc}")
         return 1
     labels = _csv(args.labels) if args.labels else None
     if args.output and not args.decode:
         raise MedsslError("--output writes the manifest without the records that fail to decode: add --decode")
-    problems = check_records(records, labels=labels, check_files=not args.no_check_files)
+    problems = store_problems + check_records(records, labels=labels, check_files=not args.no_check_files)
     failures = decode_failures(records, workers=args.workers, progress=not args.no_progress) if args.decode else []
     problems += [f"record {records[i]['id']}: {reason}" for i, reason in failures]
     for problem in problems:
@@ -175,8 +179,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     manifest = subparsers.add_parser("manifest", help="validate, split, subsample or export a manifest")
     sub = manifest.add_subparsers(dest="manifest_command", metavar="ACTION", required=True)
 
-    validate = sub.add_parser("validate", help="report schema problems, missing files, label problems, duplicates, leakage")
-    validate.add_argument("manifest")
+    validate = sub.add_parser("validate", help="report schema problems, missing files, label problems, duplicates, "
+                              "leakage; for a prepared store also index vs shards and per-record checksums")
+    validate.add_argument("manifest", help="manifest (JSONL), or a prepared store folder (medssl prepare)")
     validate.add_argument("--labels", help="the expected class labels, comma-separated")
     validate.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
     validate.add_argument("--decode", action="store_true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -113,25 +114,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise MedsslError(f"--method-options is not valid JSON ({exc})") from exc
     if not isinstance(options, dict):
         raise MedsslError("--method-options must be a JSON object")
-    values = {
-        "data": args.data, "out": args.out, "method": args.method, "init": args.init, "arch": args.arch,
-        "norm": args.norm, "scale_frobenius": args.scale_frobenius, "dead_filters": args.dead_filters,
-        "frobenius_rule": args.frobenius_rule, "fold_ws": args.fold_ws,
-        "use_checkpoint_heads": args.use_checkpoint_heads, "trust": args.trust, "modality": args.modality,
-        "iterations": args.iterations, "stop_after": args.stop_after, "lr": args.lr, "optimizer": args.optimizer,
-        "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "precision": args.precision,
-        "channels_last": args.channels_last, "compile": args.compile, "accumulate": args.accumulate,
-        "workers": args.workers, "seed": args.seed, "device": args.device, "sync_bn": args.sync_bn,
-        "augment_on": args.augment_on,
-        "knn_data": args.knn_data, "knn_every": args.knn_every, "checkpoint_every": args.checkpoint_every,
-        "checkpoint_every_epochs": args.checkpoint_every_epochs, "keep_checkpoints": args.keep_checkpoints,
-        "small_stem": args.small_stem, "widen_factor": args.widen_factor, "method_options": options,
-        "skip_bad_records": args.skip_bad_records,
-    }
-    values = {k: v for k, v in values.items() if v is not None}  # not given: the PretrainConfig default
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+    # every option is named like its PretrainConfig field; one not given (None) keeps the library default
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["method_options"] = options
     run_dir = run_pretraining(PretrainConfig(**values), overwrite=bool(args.overwrite),
                               progress=not args.no_progress)
     print(run_dir)

@@ -16,6 +16,14 @@ Checks (DICOM PS3.5 section 6.2, value representations; vocabularies from PS3.3)
   non-image modalities the ingest recognises.
 - PhotometricInterpretation must be one of PS3.3 C.7.6.3.1.2 (including the retired ``HSV``, ``ARGB``,
   ``CMYK`` and the newer ``XYB``).
+- ViewPosition (0018,5101) must be one of the defined terms for humans of PS3.3 C.8.1.1 (CR Series Module;
+  the DX Positioning Module, C.8.11.5, refers to the same attribute): ``AP``, ``PA``, ``LL``, ``RL``, ``RLD``,
+  ``LLD``, ``RLO``, ``LLO``; or ``LATERAL``, which is not a defined term but is what many chest X-ray exports
+  (e.g. MIMIC-CXR's DICOM headers) write for a lateral view. The veterinary projection codes
+  (Smallwood et al.) and the mammography views (CC, MLO, ...: coded in View Code Sequence, CID 4014, not in
+  this attribute) are not accepted, so a CS-valid name such as ``DOE JOHN`` cannot pass as a view.
+- BodyPartExamined is checked as a CS only: its defined terms (PS3.16 Annex L, several hundred, extended by
+  each edition and by vendors) are too many to enumerate here.
 - UI (Unique Identifier: the transfer syntax): digits and dots, at most 64 characters.
 """
 
@@ -49,6 +57,10 @@ PHOTOMETRIC_TERMS: frozenset[str] = frozenset(
         "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB", "CMYK",
     }
 )
+
+
+# PS3.3 C.8.1.1 View Position defined terms (humans), plus the widespread vendor value LATERAL.
+VIEW_POSITION_TERMS: frozenset[str] = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LATERAL"})
 
 
 def cs_values(text: str | None) -> tuple[list[str] | None, str | None]:
@@ -105,7 +117,7 @@ def validate_header_values(raw: dict[str, str | None], extra_modalities: frozens
     for field, keyword, vocabulary, extra in (
         ("modality", "Modality", MODALITY_TERMS, extra_modalities),
         ("body_part", "BodyPartExamined", None, frozenset()),
-        ("view_position", "ViewPosition", None, frozenset()),
+        ("view_position", "ViewPosition", VIEW_POSITION_TERMS, frozenset()),
         ("photometric", "PhotometricInterpretation", PHOTOMETRIC_TERMS, frozenset()),
     ):
         out[field], reason = _single(keyword, raw.get(keyword), vocabulary, extra)

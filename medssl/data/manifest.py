@@ -69,7 +69,7 @@ REQUIRED_FIELDS: tuple[str, ...] = ("id", "image", "source")
 #: fields every manifest line must hold (the JSON Schema's ``required``)
 LINE_REQUIRED_FIELDS: tuple[str, ...] = ("id", "source")
 SPLITS: tuple[str, ...] = ("train", "val", "test", "pretrain")
-SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "wsi", "h5")
+SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "wsi", "h5", "store")
 
 _STRING_OR_NULL = ("label", "patient_id", "study_id", "series_id", "lesion_id", "modality", "photometric")
 _INDEX_FIELDS = ("frame", "slice", "axis")
@@ -352,7 +352,8 @@ def check_records(
 
 
 #: record fields that, with ``image``, say which pixels a record reads (frames, slices, container entries, tiles)
-_LOCATION_FIELDS = ("frame", "slice", "axis", "index", "npz_split", "h5_key", "x", "y", "level", "tile_size")
+_LOCATION_FIELDS = ("frame", "slice", "axis", "index", "npz_split", "h5_key", "x", "y", "level", "tile_size",
+                    "store_offset")
 
 
 def _image_key(record: dict[str, Any]) -> tuple[Any, ...]:

@@ -191,3 +191,24 @@ def class_counts(records: Sequence[Mapping[str, Any]], stratify_key: str = "labe
         label = record.get(stratify_key)
         table[str(split)]["none" if label is None else str(label)] += 1
     return {s: dict(sorted(c.items())) for s, c in sorted(table.items())}
+
+
+def require_splits(data: str, required: Sequence[str]) -> None:
+    """Raise unless every split named in ``required`` has at least one record in ``data`` (manifest or folder).
+
+    A protocol that depends on a split layout (Lu et al.'s dermatoscopy: ``pretrain``/``train``/``test``
+    60/20/20) lists it; an empty list accepts any data.
+
+    Raises:
+        MedsslError: names the data, the missing splits and the command that makes them.
+    """
+    if not required:
+        return
+    from medssl.data.sources import records_from_path
+
+    present = {r.get("split") for r in records_from_path(data)}
+    missing = [s for s in required if s not in present]
+    if missing:
+        raise MedsslError(f"no record in split(s) {', '.join(missing)}; this protocol needs splits "
+                          f"{', '.join(required)} (make them with `medssl manifest split MANIFEST -o OUT --names "
+                          f"{','.join(required)} --ratios ...`, or pass --required_splits \"[]\")", data)

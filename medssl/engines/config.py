@@ -30,6 +30,32 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def method_default(method: str, key: str) -> Any:
+    """``METHOD_DEFAULTS[method][key]`` (``optimizer``, ``lr_per_256``, ``weight_decay``, ``warmup_epochs``).
+
+    Raises:
+        MedsslError: unknown method.
+    """
+    if method not in METHOD_DEFAULTS:
+        raise MedsslError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHOD_DEFAULTS[method][key]
+
+
+def default_lr(method: str, batch_size: int, world_size: int = 1) -> float:
+    """The paper's linear scaling rule: ``lr = lr_per_256 * batch_size * world_size / 256`` (global batch)."""
+    return float(method_default(method, "lr_per_256")) * batch_size * world_size / 256
+
+
+def default_warmup_epochs(method: str, total_steps: int, steps_per_epoch: int) -> float:
+    """The paper's warmup (epochs), cut to a tenth of a short run: ``min(paper, 0.1 * total / steps_per_epoch)``."""
+    return min(float(method_default(method, "warmup_epochs")), 0.1 * total_steps / max(steps_per_epoch, 1))
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: ``num_images // (batch_size * world_size)`` (the last partial batch dropped)."""
+    return int(num_images) // (int(batch_size) * int(world_size))
+
+
 @dataclass
 class PretrainConfig:
     """All settings of one pretraining run.
@@ -150,18 +176,17 @@ class PretrainConfig:
             world_size: number of processes (the default lr scales with the global batch).
         """
         self.validate()
-        defaults = METHOD_DEFAULTS[self.method]
         total = self.iterations if self.iterations is not None else self.epochs * steps_per_epoch
         warmup = self.warmup_epochs
         if warmup is None:
-            # paper warmup, but never more than a tenth of a short run
-            warmup = min(float(defaults["warmup_epochs"]), 0.1 * total / max(steps_per_epoch, 1))
+            warmup = default_warmup_epochs(self.method, total, steps_per_epoch)
         return dataclasses.replace(
             self,
             arch=self.arch,
-            optimizer=(self.optimizer or defaults["optimizer"]).lower(),
-            lr=self.lr if self.lr is not None else defaults["lr_per_256"] * self.batch_size * world_size / 256,
-            weight_decay=self.weight_decay if self.weight_decay is not None else defaults["weight_decay"],
+            optimizer=(self.optimizer or method_default(self.method, "optimizer")).lower(),
+            lr=self.lr if self.lr is not None else default_lr(self.method, self.batch_size, world_size),
+            weight_decay=(self.weight_decay if self.weight_decay is not None
+                          else method_default(self.method, "weight_decay")),
             warmup_epochs=warmup,
             iterations=total,
             epochs=math.ceil(total / max(steps_per_epoch, 1)),

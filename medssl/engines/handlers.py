@@ -1,8 +1,10 @@
 """Ignite handlers of a pretraining run: metrics.jsonl, TensorBoard, progress bar, kNN and collapse monitors,
 and the non-finite loss guard.
 
-Only rank 0 writes files; every handler here is attached by :mod:`medssl.engines.run` on rank 0 only, except
-the kNN monitor whose feature extraction runs on every rank's share when distributed (rank 0 reports).
+Only rank 0 writes files; every handler here is attached by :mod:`medssl.engines.run` on rank 0 only. The kNN
+monitor runs on rank 0 alone as well (its forward pass uses the backbone directly, no collective operation; the
+other ranks wait at their next step); it reads its labelled images once per run invocation and then only runs the
+forward pass (:class:`~medssl.engines.knn.LabelledImages`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medssl.engines.knn import extract_features, weighted_knn_predict
+from medssl.engines.diskfull import DiskFullGuardedWriter, raise_if_disk_full
+from medssl.engines.knn import LabelledImages, image_features, weighted_knn_predict
 from medssl.engines.scores import balanced_accuracy
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_text
+from medssl.models.extractor import FeatureExtractor
 
 logger = logging.getLogger("medssl.engines.handlers")
 
@@ -97,8 +101,15 @@ class MetricsJsonl:
         self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """Append one line; a full disk raises one line ``disk full writing PATH`` (a partial last line is
+        dropped by :meth:`truncate_after` when the run resumes)."""
+        line = json.dumps(record) + "\n"
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise_if_disk_full(self.path, exc)
+            raise
 
     def truncate_after(self, iteration: int) -> None:
         """Drop lines logged after ``iteration`` (a resumed run re-does those steps)."""
@@ -127,10 +138,19 @@ def attach_iteration_logging(engine: Engine, metrics: MetricsJsonl, every: int =
 
 
 def attach_tensorboard(engine: Engine, log_dir: str | Path, every: int = 1) -> Any:
-    """Log loss, lr, tau and the collapse statistic to TensorBoard under ``train/``; returns the logger."""
+    """Log loss, lr, tau and the collapse statistic to TensorBoard under ``train/``; returns the logger.
+
+    Its writer is a :class:`~medssl.engines.diskfull.DiskFullGuardedWriter`: a full disk stops the run with
+    ``disk full writing FILE``.
+    """
     from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
-    tb = TensorboardLogger(log_dir=str(log_dir))
+    try:
+        tb = TensorboardLogger(log_dir=str(log_dir))
+    except OSError as exc:
+        raise_if_disk_full(log_dir, exc)
+        raise
+    tb.writer = DiskFullGuardedWriter(tb.writer, log_dir)
     tb.attach(
         engine,
         log_handler=OutputHandler(
@@ -149,53 +169,39 @@ def attach_progress_bar(engine: Engine) -> None:
     ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": float(out["loss"])})
 
 
-class _Featurizer(nn.Module):
-    """Input normalisation followed by the backbone's pooled features."""
-
-    def __init__(self, backbone: nn.Module, normalization: nn.Module, channels_last: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.normalization = normalization
-        self.channels_last = channels_last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalization(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone.forward_features(x)
-
-
 class KnnMonitor:
     """Weighted-kNN balanced accuracy of the backbone's features on a labelled reference/query pair.
 
     Args:
-        backbone: the network being trained (put in eval mode during extraction, then restored).
+        backbone: the network being trained (put in eval mode during the forward pass, then restored).
         normalization: the run's :class:`~medssl.models.InputNormalization`.
-        reference_loader, query_loader: yield ``{"image": (N,3,H,W), "label": (N,) int}``.
+        reference, query: :class:`~medssl.engines.knn.LabelledImages`; read once, at the first check of the
+            run invocation, then kept in memory (each check only runs the forward pass).
         num_classes: number of classes.
         device: where to run.
-        k, temperature: kNN settings (default 20, 0.07).
+        k, temperature: kNN settings (default 20, 0.07; see :func:`~medssl.engines.knn.weighted_knn_predict`).
         channels_last: feed channels-last tensors like the training step.
+        batch_size: images per forward pass (default 64).
     """
 
-    def __init__(self, backbone: nn.Module, normalization: nn.Module, reference_loader: Any, query_loader: Any,
-                 *, num_classes: int, device: torch.device, k: int = 20, temperature: float = 0.07,
-                 channels_last: bool = False) -> None:
-        self.featurizer = _Featurizer(backbone, normalization, channels_last)
-        self.reference_loader = reference_loader
-        self.query_loader = query_loader
+    def __init__(self, backbone: nn.Module, normalization: nn.Module, reference: LabelledImages,
+                 query: LabelledImages, *, num_classes: int, device: torch.device, k: int = 20,
+                 temperature: float = 0.07, channels_last: bool = False, batch_size: int = 64) -> None:
+        self.featurizer = FeatureExtractor(backbone, normalization, channels_last=channels_last)
+        self.reference = reference
+        self.query = query
         self.num_classes = num_classes
         self.device = device
         self.k = k
         self.temperature = temperature
+        self.batch_size = batch_size
 
     def __call__(self) -> float:
         """Balanced accuracy (:func:`medssl.engines.scores.balanced_accuracy`) of the kNN predictions on the queries."""
-        was_training = self.featurizer.backbone.training
-        ref_x, ref_y = extract_features(self.featurizer, self.reference_loader, self.device)
-        qry_x, qry_y = extract_features(self.featurizer, self.query_loader, self.device)
-        if self.featurizer.backbone.training != was_training:  # extract_features restores it; keep it explicit
-            self.featurizer.backbone.train(was_training)
+        ref_images, ref_y = self.reference.tensors()
+        qry_images, qry_y = self.query.tensors()
+        ref_x = image_features(self.featurizer, ref_images, self.device, batch_size=self.batch_size)
+        qry_x = image_features(self.featurizer, qry_images, self.device, batch_size=self.batch_size)
         pred, _ = weighted_knn_predict(ref_x, ref_y, qry_x, k=self.k, temperature=self.temperature,
                                        num_classes=self.num_classes)
         return balanced_accuracy(qry_y, pred, self.num_classes)

@@ -1,14 +1,16 @@
 """Data loaders of a pretraining run: the SSL view loader (per-sample or batched augmentation) and the kNN
-monitor's labelled loaders.
+monitor's labelled images (read once per run, :func:`build_knn_images`).
 
 Two augmentation paths (``PretrainConfig.augment_on``):
 
 - ``"loader"`` (default): every view is cut and augmented per sample in the loader workers by the modality's
   MONAI pipeline (:func:`~medssl.transforms.presets.build_ssl_transform`); batches are
   ``{"views": [Tensor(B, 3, S, S)] * V}``.
-- ``"device"``: the workers only read, scale and centre-crop each image to ``base_size = 2 * image_size``
-  (:func:`~medssl.transforms.batched.build_batched_base_transform`); batches are ``{"image": Tensor(B, 3,
-  2S, 2S)}`` and the trainer cuts the views on the training device with one kornia call per augmentation
+- ``"device"``: the workers only read, scale, shrink (never enlarge) to at most ``base_size = 2 * image_size``
+  and centre-crop each image (:func:`~medssl.transforms.batched.build_batched_base_transform`); batches are
+  ``{"image": Tensor(B, C, s, s)}`` (C = 1 for grayscale, s <= 2S the batch's smallest stored side,
+  :func:`~medssl.transforms.batched.stack_images`) and the trainer cuts the views on the training device with
+  one kornia call per augmentation
   (:class:`~medssl.transforms.batched.BatchedSSLAugment`), seeded per optimizer step and rank so resumed runs
   stay exact. Worth it on a GPU when the workers cannot keep up; on CPU the per-sample path is usually faster.
   Non-square images lose their borders outside the centre square.
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medssl.engines.config import PretrainConfig
 from medssl.engines.handlers import label_index, split_reference_query
+from medssl.engines.knn import LabelledImages
 from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, collate_views
 from medssl.errors import MedsslError
 
@@ -56,8 +59,11 @@ def view_options(config: PretrainConfig, method: nn.Module) -> dict[str, Any]:
 
 
 def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack ``{"image": Tensor(3, H, W)}`` samples into ``{"image": Tensor(B, 3, H, W)}`` (labels/ids dropped)."""
-    return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples])}
+    """Stack ``{"image": Tensor(C, s, s)}`` samples into ``{"image": Tensor(B, C, S, S)}`` (labels/ids dropped;
+    :func:`~medssl.transforms.batched.stack_images`: the smallest side, nothing enlarged)."""
+    from medssl.transforms.batched import stack_images
+
+    return {"image": stack_images([s["image"] for s in samples])}
 
 
 _BAD = "_bad_records"
@@ -219,9 +225,15 @@ def build_pretraining_loader(config: PretrainConfig, records: list[dict[str, Any
     return gate, augment
 
 
-def build_labelled_loaders(config: PretrainConfig,
-                           records: list[dict[str, Any]]) -> tuple[BadRecordGate, BadRecordGate, int] | None:
-    """kNN reference/query loaders (eval transform) or None when there are not two labelled classes."""
+def build_knn_images(config: PretrainConfig,
+                     records: list[dict[str, Any]]) -> tuple[LabelledImages, LabelledImages, int] | None:
+    """The kNN monitor's reference and query images and the number of classes, or None when there are not two
+    labelled classes and five labelled images.
+
+    Each :class:`~medssl.engines.knn.LabelledImages` reads its records through the eval transform once, at the
+    monitor's first check (a loader with ``config.workers`` workers; an unreadable record stops the run with its
+    id and file), and keeps them in memory as uint8 (at most ``knn_max_images`` images, N x 3 x S x S bytes).
+    """
     from medssl.data.sources import records_from_path
     from medssl.transforms.presets import build_eval_transform
 
@@ -241,10 +253,13 @@ def build_labelled_loaders(config: PretrainConfig,
         return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),
                 "label": torch.tensor([classes[str(s["label"])] for s in samples])}
 
-    def loader(recs: list[dict[str, Any]]) -> BadRecordGate:  # an unreadable record stops with its id and file
-        ds = GuardedRecords(SeededSampleDataset(recs, transform, seed=config.seed))
-        return BadRecordGate(DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False,
-                                        num_workers=config.workers, collate_fn=GuardedCollate(collate),
-                                        generator=torch.Generator().manual_seed(config.seed)))
+    def images(recs: list[dict[str, Any]]) -> LabelledImages:
+        def batches() -> BadRecordGate:  # an unreadable record stops with its id and file
+            ds = GuardedRecords(SeededSampleDataset(recs, transform, seed=config.seed))
+            return BadRecordGate(DataLoader(ds, batch_size=max(config.batch_size, 64), shuffle=False,
+                                            num_workers=config.workers, collate_fn=GuardedCollate(collate),
+                                            generator=torch.Generator().manual_seed(config.seed)))
 
-    return loader(ref), loader(qry), len(classes)
+        return LabelledImages(batches, len(recs))
+
+    return images(ref), images(qry), len(classes)

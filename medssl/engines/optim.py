@@ -1,4 +1,10 @@
-"""Optimizers for pretraining: SGD, Adam, AdamW and LARS, with bias/norm parameters kept out of weight decay.
+"""Optimizers for pretraining: SGD, Adam, AdamW and LARS over the methods' parameter groups.
+
+Which parameters get weight decay and the LARS trust ratio follows each method's paper or code
+(:meth:`medssl.methods.base.SSLMethod.param_groups`): SimCLR and BYOL exclude biases and normalisation
+parameters from both (their papers); SimSiam's code decays every parameter (plain SGD); SwAV's code
+(``main_swav.py``: ``SGD(model.parameters(), weight_decay=wd)`` wrapped in ``LARC``) applies both to every
+parameter.
 
 Param groups carry two medssl flags besides the usual torch keys:
 
@@ -38,7 +44,12 @@ class LARS(Optimizer):
         lr: learning rate (the schedule overwrites it every step).
         momentum: default 0.9.
         weight_decay: default 0.
-        eta: trust coefficient, default 1e-3 (SimCLR/BYOL value).
+        eta: trust coefficient, default 1e-3 (SimCLR/BYOL value; SwAV's ``trust_coefficient`` too).
+
+    SwAV's code uses NVIDIA apex's ``LARC`` (``clip=False``), whose trust ratio is
+    ``eta * ||w|| / (||g|| + weight_decay * ||w|| + 1e-8)``. By the triangle inequality ``||g|| - wd * ||w|| <=
+    ||d|| <= ||g|| + wd * ||w||``, so this ratio is at least LARC's and exceeds it by a relative amount of at
+    most about ``2 * wd * ||w|| / ||g||`` (SwAV's weight decay is 1e-6).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.9,

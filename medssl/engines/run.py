@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from medssl.engines.checkpoint import (
-    build_checkpoint_state,
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint_file,
-    restore_training_state,
-    save_checkpoint,
-)
-from medssl.engines.config import PretrainConfig
-from medssl.engines.handlers import (
-    CollapseMonitor,
-    KnnMonitor,
-    MetricsJsonl,
-    attach_iteration_logging,
-    attach_knn_monitor,
-    attach_progress_bar,
-    attach_tensorboard,
-)
-from medssl.engines.loaders import build_labelled_loaders, build_pretraining_loader
-from medssl.engines.optim import build_optimizer
-from medssl.engines.schedules import WarmupCosineSchedule
+from medssl.engines import components
+from medssl.engines.checkpoint import latest_checkpoint, load_checkpoint_file, restore_training_state
+from medssl.engines.config import PretrainConfig, steps_per_epoch
+from medssl.engines.handlers import KnnMonitor, MetricsJsonl, attach_knn_monitor
+from medssl.engines.launch import is_launch_main_process, launch_world_size
+from medssl.engines.loaders import build_knn_images
 from medssl.engines.trainer import PretrainingTrainer
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_json
@@ -80,7 +64,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: 
         raise MedsslError("no output folder given (--out RUN_DIR)")
     if resume and not (run_dir / "config.json").is_file():
         raise MedsslError("no config.json: not a medssl pretraining run folder", run_dir)
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 locks, cleans and deletes
+    rank0 = is_launch_main_process()  # before the process group exists: under torchrun only rank 0 locks, cleans
     with RunLock(run_dir) if rank0 else contextlib.nullcontext():
         if rank0:
             for folder in (run_dir, run_dir / "checkpoints"):
@@ -99,7 +83,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: 
                                   run_dir)
             if rank0:
                 _clear_run_outputs(run_dir)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launch_world_size()
         backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
         with idist.Parallel(backend=backend) as parallel:
             parallel.run(_train, config, resumed, progress)
@@ -123,112 +107,40 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_pretraining_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records used for SSL: the ``pretrain`` split when the data has one, else all but ``val``/``test``."""
-    if any(r.get("split") == "pretrain" for r in records):
-        return [r for r in records if r.get("split") == "pretrain"]
-    return [r for r in records if r.get("split") not in ("val", "test")]
-
-
-def _build_backbone(config: PretrainConfig) -> tuple[nn.Module, dict[str, Any], dict | None, list[dict], dict]:
-    """Backbone, input-normalisation spec, imported heads (or None), preparation reports, source record."""
-    from medssl.models import IMAGENET_NORMALIZATION, build_backbone
-
-    extra: dict[str, Any] = {}
-    if config.small_stem:
-        extra["small_stem"] = True
-    if config.widen_factor != 1.0:
-        extra["widen_factor"] = config.widen_factor
-    heads = None
-    if config.init == "random":
-        arch = config.arch or "resnet50"
-        if arch.startswith("resnetv2") and config.norm == "bn":
-            extra["norm"] = "bn"
-        backbone = build_backbone(arch, **extra)
-        spec = dict(IMAGENET_NORMALIZATION)
-        source = {"format": "random_init"}
-    else:
-        from medssl.weights import build_from_checkpoint, sha256_of
-
-        backbone, loaded = build_from_checkpoint(config.init, trust=config.trust, arch=config.arch, num_classes=0,
-                                                 **extra)
-        spec = dict(loaded.input_normalization)
-        heads = loaded.heads if config.use_checkpoint_heads else None
-        source = {"format": loaded.format, "file": Path(config.init).name, "sha256": sha256_of(config.init)}
-    reports: list[dict] = []
-    wants_prep = (config.norm == "bn" and config.init != "random") or config.scale_frobenius or \
-        config.dead_filters != "none" or config.fold_ws
-    if wants_prep:
-        from medssl.weights.prepare import prepare_backbone
-
-        # weight standardisation is folded only when asked (--fold-ws); scaling a still-standardised network
-        # (or one without conv+BN pairs) is refused by prepare_backbone with a one-line error
-        try:
-            reports = prepare_backbone(backbone, norm=config.norm if config.init != "random" else "keep",
-                                       fold_ws=config.fold_ws, scale_frobenius=config.scale_frobenius,
-                                       frobenius_rule=config.frobenius_rule, dead_filters=config.dead_filters,
-                                       seed=config.seed)
-        except MedsslError as exc:
-            if exc.path is None and config.init != "random":  # name the checkpoint that was refused
-                raise MedsslError(exc.reason, config.init) from exc
-            raise
-    return backbone.train(), spec, heads, reports, source
-
-
 def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progress: bool) -> None:
-    from medssl.data.sources import records_from_path
-    from medssl.methods import HEAD_NAMES, build_method
-    from medssl.models import InputNormalization
-
+    """One process of the run: build every component with :mod:`medssl.engines.components`, then train."""
     rank, world = idist.get_rank(), idist.get_world_size()
     device = torch.device(config.device) if config.device else idist.device()
     run_dir = Path(config.out)
-    records = select_pretraining_records(records_from_path(config.data))
-    if not records:
-        raise MedsslError("no images to pretrain on", config.data)
-    steps_per_epoch = len(records) // (config.batch_size * world)
-    if steps_per_epoch < 1:
+    records = components.pretraining_records(config.data)
+    per_epoch = steps_per_epoch(len(records), config.batch_size, world)
+    if per_epoch < 1:
         raise MedsslError(f"{len(records)} images are fewer than one batch of {config.batch_size * world}",
                           config.data)
     resume = resumed is not None
     if not resume:
-        config = config.resolve(steps_per_epoch=steps_per_epoch, world_size=world)
+        config = components.resolve_pretrain_config(config, num_images=len(records), world_size=world)
     elif "iterations" in resumed[2]["overrides"]:
-        config = dataclasses.replace(config, epochs=-(-int(config.iterations) // steps_per_epoch))
+        config = dataclasses.replace(config, epochs=-(-int(config.iterations) // per_epoch))
     _seed_everything(config.seed)  # identical initialisation on every rank
     if resume:  # the layout comes from the checkpoint's run record: the init file is never read again
         from medssl.engines.resume import rebuild_backbone
 
         backbone, spec, heads, reports, source = rebuild_backbone(resumed[2], resumed[1], resumed[0])
+        backbone.medssl_origin = components.NetworkOrigin(spec, heads, reports, source)
+        use_heads = bool(heads)
     else:
-        backbone, spec, heads, reports, source = _build_backbone(config)
-    method_opts = dict(config.method_options)
-    if heads:
-        method_opts.update(heads=heads, heads_source=str(resumed[0] if resume else config.init))
-    method = build_method(config.method, backbone, **method_opts)
-    if config.sync_bn and world > 1:
-        if device.type == "cuda":
-            from medssl.weights.norm import convert_to_sync_bn
-
-            method = convert_to_sync_bn(method)
-        else:
-            logger.warning("--sync-bn needs CUDA (torch SyncBatchNorm); BatchNorm stays per-process on %s", device)
-    method = method.to(device)
-    if config.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    # epoch-based method knobs (SwAV prototype freezing, queue start/length) -> steps of this run; recorded
-    method_schedule = method.configure_run(steps_per_epoch=steps_per_epoch,
-                                           global_batch_size=config.batch_size * world,
-                                           max_iterations=int(config.iterations))
-    config = dataclasses.replace(config, method_schedule=method_schedule)
-    normalization = InputNormalization.from_spec(spec).to(device)
-    optimizer = build_optimizer(config.optimizer or "sgd", method.param_groups(config.weight_decay, config.lr),
-                                lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
-                                eta=config.lars_eta)
-    max_iterations = int(config.iterations)
-    schedule = WarmupCosineSchedule(optimizer, base_lr=config.lr, max_iterations=max_iterations,
-                                    warmup_iterations=config.warmup_iterations(steps_per_epoch),
-                                    final_lr=config.final_lr)
+        backbone = components.build_network(**components.config_kwargs(config, components.build_network))
+        origin = backbone.medssl_origin
+        spec, reports, source = origin.input_normalization, origin.reports, origin.source
+        use_heads = config.use_checkpoint_heads
+        heads = origin.heads if use_heads else None
+    method = components.build_ssl_method(**components.config_kwargs(
+        config, components.build_ssl_method, network=backbone, use_checkpoint_heads=use_heads, device=device))
+    optimizer = components.build_optimizer(method, **components.config_kwargs(
+        config, components.build_optimizer, world_size=world))
+    schedule = components.build_lr_scheduler(optimizer, **components.config_kwargs(
+        config, components.build_lr_scheduler, steps_per_epoch=per_epoch, method=config.method))
     start = 0
     state = None
     if resume:
@@ -237,27 +149,27 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
         logger.info("resuming %s from iteration %d", run_dir, start)
     _seed_everything(config.seed + rank)  # per-rank randomness from here on
     skipped = set(state.get("skipped_records") or []) if state is not None else set()
-    loader, view_augment = build_pretraining_loader(config, records, method, rank=rank, world_size=world,
-                                                    start_step=start, device=device,
-                                                    errors_path=run_dir / "errors.jsonl", skipped=skipped)
-    network: nn.Module = method
-    if world > 1:
-        network = idist.auto_model(method, sync_bn=False, find_unused_parameters=config.method == "swav")
-    if config.compile:
-        network = torch.compile(network)
+    dataset = components.build_pretraining_dataset(**components.config_kwargs(
+        config, components.build_pretraining_dataset, ssl_method=method, records=records))
+    loader = components.build_pretraining_dataloader(dataset, **components.config_kwargs(
+        config, components.build_pretraining_dataloader, start_step=start, device=device,
+        errors_path=run_dir / "errors.jsonl", skipped=skipped))
+    view_augment = components.build_view_augment(method, **components.config_kwargs(
+        config, components.build_view_augment, device=device))
     metrics = MetricsJsonl(run_dir / "metrics.jsonl") if rank == 0 else None
-    collapse = CollapseMonitor(config.collapse_threshold, sink=metrics.write if metrics else None)
-    trainer = PretrainingTrainer(
-        method=method, optimizer=optimizer, schedule=schedule, normalization=normalization, data_loader=loader,
-        max_iterations=max_iterations, epoch_length=steps_per_epoch, device=device, precision=config.precision,
-        channels_last=config.channels_last, accumulate=config.accumulate, network=network,
-        collapse_monitor=collapse, last_checkpoint=lambda: latest_checkpoint(run_dir), view_augment=view_augment,
-        augment_seed=config.seed, rank=rank)
+    trainer = components.build_pretraining_trainer(
+        method, optimizer, schedule, loader, **components.config_kwargs(
+            config, components.build_pretraining_trainer, steps_per_epoch=per_epoch, device=device,
+            view_augment=view_augment, collapse_sink=metrics.write if metrics else None,
+            last_checkpoint=lambda: latest_checkpoint(run_dir)))
+    # epoch-based method knobs (SwAV prototype freezing, queue start/length) as steps of this run: recorded
+    config = dataclasses.replace(config, method_schedule=trainer.method_schedule)
+    normalization = trainer.normalization
     if state is not None:
         restore_training_state(state, method=method, optimizer=optimizer, scaler=trainer.grad_scaler,
                                schedule=schedule, rank=rank, world_size=world)
         trainer.state.iteration = start
-        trainer.state.epoch = start // steps_per_epoch
+        trainer.state.epoch = start // per_epoch
     if not resume:  # the run record (hash of config.json as written here) goes into every checkpoint
         from medssl.engines.resume import make_run_record
 
@@ -276,117 +188,29 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
     if world > 1:
         idist.barrier()  # logs truncated before any rank appends to them
     _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank, progress,
-                     spec=spec, reports=reports, source=source, head_names=HEAD_NAMES, run_record=run_record)
+                     spec=spec, reports=reports, source=source, run_record=run_record)
     trainer.run()
 
 
 def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
                      normalization: nn.Module, records: list[dict[str, Any]], device: torch.device, run_dir: Path,
                      metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict, reports: list[dict],
-                     source: dict, head_names: tuple[str, ...], run_record: dict[str, Any]) -> None:
-    from ignite.engine import Events
+                     source: dict, run_record: dict[str, Any]) -> None:
+    """Checkpoints, kNN monitor, logs and the final backbone file (:mod:`medssl.engines.run_handlers`)."""
+    from medssl.engines.run_handlers import BackboneWriter, RunCheckpointer, RunLogs
 
-    from medssl.engines.resume import encode_run_record
-
-    max_iterations = trainer.max_iterations
-    saved: set[int] = set()
-
-    def save(engine: Any) -> None:
-        """Collective over ranks (per-rank queues and generators are gathered); rank 0 writes."""
-        it = engine.state.iteration
-        if it in saved:
-            return
-        saved.add(it)
-        per_rank = None
-        skipped = set(trainer.data_loader.skipped)
-        if idist.get_world_size() > 1:
-            mine = {"method_extra": method.extra_state(), "rng": capture_rng_state(), "skipped": sorted(skipped)}
-            per_rank = [None] * idist.get_world_size()
-            torch.distributed.all_gather_object(per_rank, mine)
-            skipped = {i for r in per_rank for i in r.pop("skipped")}
-        if rank == 0:
-            save_checkpoint(run_dir, build_checkpoint_state(
-                iteration=it, epoch=engine.state.epoch, method=method, optimizer=trainer.optimizer,
-                scaler=trainer.grad_scaler, schedule=trainer.schedule, config=config.to_dict(), per_rank=per_rank,
-                run=encode_run_record(run_record), skipped_records=sorted(skipped, key=str)),
-                keep_last=config.keep_checkpoints)
-
-    if config.checkpoint_every > 0:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config.checkpoint_every), save)
-    if config.checkpoint_every_epochs > 0:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=config.checkpoint_every_epochs), save)
-    if config.stop_after is not None:
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop(engine: Any) -> None:
-            if engine.state.iteration >= config.stop_after:
-                save(engine)
-                engine.terminate()
-
-    knn = build_labelled_loaders(config, records) if config.knn_every > 0 else None
+    RunCheckpointer(run_dir, config, run_record).attach(trainer)
+    logs = RunLogs(run_dir, metrics=metrics, log_every=config.log_every, progress=progress) if rank == 0 else None
+    # the kNN monitor runs on rank 0 only; its images are read once per invocation (medssl.engines.knn)
+    knn = build_knn_images(config, records) if config.knn_every > 0 and rank == 0 else None
     if knn is not None:
         ref, qry, num_classes = knn
         monitor = KnnMonitor(method.backbone, normalization, ref, qry, num_classes=num_classes, device=device,
                              k=config.knn_k, temperature=config.knn_temperature,
-                             channels_last=config.channels_last)
-        sinks = []
-        if metrics is not None:
-            sinks.append(metrics.write)
-        attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=max_iterations,
+                             channels_last=config.channels_last, batch_size=max(config.batch_size, 64))
+        sinks = [metrics.write, logs.knn_sink] if logs is not None and metrics is not None else []
+        attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=trainer.max_iterations,
                            sinks=sinks)
-
-    @trainer.on(Events.COMPLETED)
-    def _final_checkpoint(engine: Any) -> None:
-        if engine.state.iteration >= max_iterations:
-            save(engine)
-
-    if rank != 0:
-        return
-    attach_iteration_logging(trainer, metrics, every=config.log_every)
-    tb = attach_tensorboard(trainer, run_dir / "tb", every=config.log_every)
-    if knn is not None:
-        def tb_sink(record: dict[str, Any]) -> None:
-            tb.writer.add_scalar("knn/balanced_accuracy", record["knn_balanced_accuracy"], record["iteration"])
-        sinks.append(tb_sink)
-    if progress:
-        attach_progress_bar(trainer)
-
-    @trainer.on(Events.COMPLETED)
-    def _finish(engine: Any) -> None:
-        if engine.state.iteration < max_iterations:
-            tb.close()
-            return
-        _write_backbone(run_dir, config, method, spec=spec, reports=reports, source=source,
-                        head_names=head_names, iteration=engine.state.iteration)
-        tb.close()
-
-
-def _write_backbone(run_dir: Path, config: PretrainConfig, method: nn.Module, *, spec: dict, reports: list[dict],
-                    source: dict, head_names: tuple[str, ...], iteration: int) -> None:
-    """``RUN_DIR/backbone.safetensors``: backbone + heads + provenance of the run."""
-    from medssl.weights import save_medssl_file
-
-    backbone = method.backbone
-
-    def plain(module: nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-    heads = {name: plain(getattr(method, name)) for name in head_names
-             if isinstance(getattr(method, name, None), nn.Module)}
-    provenance = {
-        **source,
-        "operations": reports,
-        "pretraining": {"method": config.method, "iterations": iteration, "epochs": config.epochs,
-                        "batch_size": config.batch_size, "image_size": config.image_size, "lr": config.lr,
-                        "optimizer": config.optimizer, "seed": config.seed, "modality": config.modality,
-                        "data": Path(config.data).name, "method_schedule": config.method_schedule},
-    }
-    from medssl.weights.prepare import has_batchnorm_statistics, preparation_summary
-
-    if reports:
-        provenance["preparation"] = preparation_summary(reports)
-    if has_batchnorm_statistics(backbone):
-        provenance["bn_statistics"] = "trained"  # running statistics of the SSL training batches
-    save_medssl_file(run_dir / "backbone.safetensors", plain(backbone), arch=backbone.arch,
-                     arch_kwargs=backbone.arch_kwargs, heads=heads, input_normalization=spec,
-                     provenance=provenance)
+    if logs is not None:
+        logs.attach(trainer)
+        BackboneWriter(run_dir, config, spec=spec, reports=reports, source=source).attach(trainer)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,18 +27,6 @@ from medssl.io import atomic_open, atomic_write_json
 log = logging.getLogger("medssl.evaluation.features")
 
 _MEMORY_CACHE: dict[str, np.ndarray] = {}
-
-
-class NormalizedBackbone(nn.Module):
-    """``InputNormalization`` followed by ``backbone.forward_features``: [0,1] images (N,3,H,W) -> (N, D)."""
-
-    def __init__(self, backbone: nn.Module, normalization: nn.Module) -> None:
-        super().__init__()
-        self.normalization = normalization
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(self.normalization(x))
 
 
 def module_sha256(module: nn.Module) -> str:
@@ -68,9 +56,14 @@ def make_loader(
     shuffle: bool = False,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A MONAI DataLoader over ``records`` mapped by ``transform`` (record -> {"image", "label", "id"})."""
-    return DataLoader(Dataset(list(records), transform=transform), batch_size=batch_size, shuffle=shuffle,
-                      num_workers=num_workers)
+    """A MONAI DataLoader over ``records`` mapped by ``transform`` (record -> {"image", "label", "id"}).
+
+    A record that fails to load stops the iteration with one line naming its id and file
+    (:class:`~medssl.evaluation.loading.RecordLoader`), with or without loader workers.
+    """
+    from medssl.evaluation.loading import RecordLoader
+
+    return RecordLoader(records, transform, batch_size, shuffle=shuffle, num_workers=num_workers)
 
 
 @torch.no_grad()

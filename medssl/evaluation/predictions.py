@@ -184,10 +184,12 @@ def table_clusters(table: PredictionTable, cluster_by: str = "auto",
     return make_clusters(table.y_true, ids, unit)
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
+def _mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
+    """Mean and sample std (ddof=1; 0 for one value) of the defined values; both ``None`` (JSON ``null``, as
+    for the per-trial metrics) when no value is defined, e.g. the recall of a class without test images."""
     arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan")}
+        return {"mean": None, "std": None}
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
 
 

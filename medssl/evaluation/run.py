@@ -28,7 +28,6 @@ from medssl.evaluation.checks import (
     single_class_predictions,
 )
 from medssl.evaluation.features import (
-    NormalizedBackbone,
     load_or_compute_features,
     module_sha256,
     store_features,
@@ -53,7 +52,7 @@ from medssl.evaluation.setup import (
     resolve_input_settings,
 )
 from medssl.io import atomic_write_json
-from medssl.models import InputNormalization
+from medssl.models import FeatureExtractor, InputNormalization
 
 log = logging.getLogger("medssl.evaluation.run")
 
@@ -257,7 +256,7 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
     from medssl.evaluation.protocols.knn import KNN_DEFINITION, knn_predict_proba
     from medssl.evaluation.protocols.linear import train_linear_probe
 
-    extractor = NormalizedBackbone(loaded.model, InputNormalization.from_spec(loaded.input_normalization))
+    extractor = FeatureExtractor(loaded.model, InputNormalization.from_spec(loaded.input_normalization))
     extractor.to(cfg["device"]).eval()
     for p in extractor.parameters():
         p.requires_grad_(False)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from medssl.errors import MedsslError
-from medssl.models import IMAGENET_NORMALIZATION, InputNormalization, build_backbone
+from medssl.models import IMAGENET_NORMALIZATION, FeatureExtractor, InputNormalization, build_backbone
 
 log = logging.getLogger("medssl.evaluation.setup")
 
@@ -296,18 +296,15 @@ def recalibrate_backbone(loaded: LoadedBackbone, records: Sequence[Mapping[str, 
     from ``seed`` (the eval transform, no augmentation; labels unused). Default ``num_batches=None``: one pass
     over all train images, as ``torch.optim.swa_utils.update_bn`` does. Returns the operation record.
     """
-    from monai.data import DataLoader, Dataset
-
-    from medssl.evaluation.features import NormalizedBackbone
+    from medssl.evaluation.loading import RecordLoader
     from medssl.weights.norm import recalibrate_bn
 
     if num_batches is not None and num_batches < 1:
         raise MedsslError(f"--recalibrate-batches must be >= 1, got {num_batches}")
-    extractor = NormalizedBackbone(loaded.model, InputNormalization.from_spec(loaded.input_normalization))
+    extractor = FeatureExtractor(loaded.model, InputNormalization.from_spec(loaded.input_normalization))
     extractor.to(device)
-    loader = DataLoader(Dataset(list(records), transform=transform), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed), drop_last=len(records) > batch_size,
-                        num_workers=num_workers)
+    loader = RecordLoader(records, transform, batch_size, shuffle=True, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(seed), drop_last=len(records) > batch_size)
     n = len(loader) if num_batches is None else min(num_batches, len(loader))
     report = recalibrate_bn(extractor, loader, n, device=device)
     return {key: report[key] for key in ("operation", "num_batches", "num_samples", "count") if key in report}

@@ -44,8 +44,11 @@ class SSLMethod(nn.Module, abc.ABC):
 
     name: str = ""
     views_required: int = 2
-    #: weight decay on every parameter (SimSiam's code) instead of only on weight matrices / conv kernels
+    #: weight decay on every parameter (SimSiam's and SwAV's code), not only on weight matrices / conv kernels
     decay_all_parameters: bool = False
+    #: LARS trust ratio on every parameter (SwAV's code wraps SGD over all parameters in LARC) instead of only on
+    #: weight matrices / conv kernels (SimCLR, BYOL: biases and norm parameters are excluded)
+    lars_all_parameters: bool = False
     #: view pipelines the engine builds (``medssl.transforms.presets.VIEW_RECIPES``): ``"symmetric"`` (every view
     #: the modality preset) or ``"byol"`` (BYOL's asymmetric blur/solarize pair)
     view_recipe: str = "symmetric"
@@ -108,9 +111,10 @@ class SSLMethod(nn.Module, abc.ABC):
         """Optimizer parameter groups.
 
         Parameters with ``ndim <= 1`` (biases, norm gammas/betas) get ``weight_decay=0`` and
-        ``"exclude_from_lars": True`` (SimCLR, BYOL, SwAV); the rest get ``weight_decay``. Methods with
-        :attr:`decay_all_parameters` (SimSiam, whose code decays every parameter) give ``weight_decay`` to the
-        1-D parameters too; they stay ``exclude_from_lars``. Submodules listed by
+        ``"exclude_from_lars": True`` (SimCLR and BYOL, as their papers say); the rest get ``weight_decay``.
+        Methods with :attr:`decay_all_parameters` (SimSiam, SwAV: their code passes every parameter to SGD with
+        ``weight_decay``) give ``weight_decay`` to the 1-D parameters too; they stay ``exclude_from_lars`` unless
+        :attr:`lars_all_parameters` (SwAV, whose code wraps that SGD in LARC). Submodules listed by
         :meth:`_fixed_lr_modules` form their own groups flagged ``"fixed_lr": True`` (the scheduler must leave
         their lr at its initial value). Parameters that do not require grad (target networks) are left out.
         Every group carries ``name``, ``lr``, ``weight_decay``, ``exclude_from_lars`` and ``fixed_lr``; empty
@@ -136,7 +140,7 @@ class SSLMethod(nn.Module, abc.ABC):
                 "params": params,
                 "lr": lr,
                 "weight_decay": weight_decay if self.decay_all_parameters or not one_d else 0.0,
-                "exclude_from_lars": one_d,
+                "exclude_from_lars": one_d and not self.lars_all_parameters,
                 "fixed_lr": fixed,
             })
         return groups

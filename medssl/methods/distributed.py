@@ -9,29 +9,34 @@ the gathered tensor are summed (``all_reduce``) and each rank keeps the rows it 
 DistributedDataParallel's averaging of parameter gradients over ranks, the parameters then receive exactly the
 gradient of the mean of the per-rank losses, i.e. of the loss a single process would compute on the union of
 all ranks' batches (when the per-rank losses are means over equally sized local batches).
+
+The rank and world size come from ``ignite.distributed`` (medssl's one distributed API; it also sees a process
+group that ``torchrun`` user code initialised itself); the collectives that carry or reduce tensors use
+``torch.distributed`` directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 
 
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is initialised with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return idist.get_world_size() > 1
 
 
 def world_size() -> int:
     """Number of processes (1 when not distributed)."""
-    return dist.get_world_size() if is_distributed() else 1
+    return idist.get_world_size()
 
 
 def rank() -> int:
     """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if is_distributed() else 0
+    return idist.get_rank()
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,7 +58,7 @@ def gather_sizes(local_size: int, device: torch.device | None = None) -> list[in
     if not is_distributed():
         return [int(local_size)]
     size = torch.tensor([int(local_size)], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
     return [int(s.item()) for s in sizes]
 
@@ -75,7 +80,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:  # type: ignore[override]
         ctx.sizes = sizes
-        ctx.rank = dist.get_rank()
+        ctx.rank = rank()
         return _gather_padded(x.detach(), sizes)
 
     @staticmethod

@@ -15,6 +15,11 @@ optimizer steps with the run's real steps per epoch by :meth:`SwAV.configure_run
   batch as the SwAV code does. Default (``None``): on for global batches below 256 (the paper's advice for
   small batches; its batch-256 recipes use 3840), with ``min(3840, one epoch's images)``, so that the queue
   never holds two stale embeddings of one image; off for larger batches. ``queue_length=0`` turns it off.
+
+Optimisation as the SwAV code sets it: ``main_swav.py`` passes ``model.parameters()`` (all of them) to SGD with
+``weight_decay`` and wraps it in LARC, so weight decay and the trust ratio apply to biases and normalisation
+weights too (:attr:`SwAV.decay_all_parameters`, :attr:`SwAV.lars_all_parameters`), unlike SimCLR and BYOL whose
+papers exclude them.
 """
 
 from __future__ import annotations
@@ -212,6 +217,10 @@ class SwAV(SSLMethod):
     """
 
     name = "swav"
+    #: the SwAV code (``main_swav.py``) builds ``SGD(model.parameters(), weight_decay=wd)`` wrapped in ``LARC``:
+    #: weight decay and the LARS trust ratio apply to every parameter, biases and norm weights included
+    decay_all_parameters = True
+    lars_all_parameters = True
 
     def __init__(
         self,

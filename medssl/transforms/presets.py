@@ -2,12 +2,20 @@
 
 ``build_ssl_transform(modality, image_size, *, num_views=2, multicrop=None)`` returns a callable
 ``record -> {"views": [Tensor(3,S,S) float32 in [0,1]], "label", "id"}``; ``build_eval_transform(modality,
-image_size)`` returns ``record -> {"image": Tensor(3,S,S), "label", "id"}``. Grayscale images are replicated to
-3 channels; intensities stay in native units until :class:`~medssl.transforms.intensity.ScaleToUnitd`.
+image_size)`` returns ``record -> {"image": Tensor(3,S,S), "label", "id"}``. Intensities stay in native units
+until :class:`~medssl.transforms.intensity.ScaleToUnitd`, which downsamples before its float arithmetic.
 
-Reproducibility: each view has its own transforms and generator. Call ``t.set_random_state(seed)`` on the
-returned transform, or call ``monai.utils.set_determinism(seed)`` before building it (the initial seed is
-drawn from NumPy's global generator). MONAI's ``DataLoader`` reseeds it per worker.
+Lean per-sample path: a grayscale image stays 1-channel through reading, scaling, resizing and every
+augmentation, and becomes 3 channels only at the end of each view, as a stride-0 ``expand`` view (no copy); the
+augmentations that only make sense on colour (saturation, hue, random grayscale) are identities on gray images,
+so this gives the same views as augmenting 3 identical channels, at a third of the cost. Everything is float32;
+flips and rotations are the plain-torch :mod:`medssl.transforms.geometric` transforms (MONAI's parameters and
+draws, no ``MetaTensor``).
+
+Reproducibility: each view has its own transform instances; all of a sample's draws come from one generator.
+Call ``t.set_random_state(seed)`` on the returned transform (one ``RandomState(seed)`` per sample, shared by every
+view's transforms), or call ``monai.utils.set_determinism(seed)`` before building it (the initial seed is drawn
+from NumPy's global generator). MONAI's ``DataLoader`` reseeds it per worker.
 
 Preset choices (:data:`MODALITIES`), each a :class:`AugmentSpec`:
 
@@ -52,12 +60,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from monai.transforms import RandFlipd, RandRotate90d, RandRotated
 from monai.utils import MAX_SEED
 
 from medssl.data.readers.load import LoadRecordd
+from medssl.transforms.geometric import RandFlipd, RandRot90d, RandRotated
 from medssl.transforms.intensity import ScaleToUnitd, center_crop, resize_shorter_side
-from medssl.transforms.multiview import MultiViewd, SSLTransform, compose
+from medssl.transforms.multiview import MultiViewd, SSLTransform, as_rgb_view, compose
 from medssl.transforms.ssl import (
     RandColorJitterd,
     RandGaussianBlurd,
@@ -145,13 +153,16 @@ def get_spec(modality: str) -> AugmentSpec:
 
 
 def build_base_transform(modality: str, shorter_side: int | None = None, key: str = "image") -> Callable:
-    """Deterministic part: read the record and scale it to a (3, H, W) float32 tensor in [0, 1].
+    """Deterministic part: read the record and scale it to a (C, H, W) float32 tensor in [0, 1], C = 1 for
+    grayscale (and for colour images of ``force_gray`` modalities), 3 for colour.
 
-    ``shorter_side`` shrinks large images (never enlarges) before the random crops, to save time.
+    ``shorter_side`` shrinks large images (never enlarges) before the random crops, to save time; the shrink
+    happens before the float arithmetic of the scaling (:class:`~medssl.transforms.intensity.ScaleToUnitd`).
     """
     spec = get_spec(modality)
     return compose(
-        [LoadRecordd(keys=(key,)), ScaleToUnitd(keys=(key,), force_gray=spec.force_gray, shorter_side=shorter_side)]
+        [LoadRecordd(keys=(key,)),
+         ScaleToUnitd(keys=(key,), force_gray=spec.force_gray, three_channels=False, shorter_side=shorter_side)]
     )
 
 
@@ -163,10 +174,9 @@ def build_view_transform(spec: AugmentSpec, size: int, key: str = "image") -> Ca
     if spec.vflip_p > 0:
         steps.append(RandFlipd(key, prob=spec.vflip_p, spatial_axis=0))
     if spec.rot90_p > 0:
-        steps.append(RandRotate90d(key, prob=spec.rot90_p, max_k=3, spatial_axes=(0, 1)))
+        steps.append(RandRot90d(key, prob=spec.rot90_p, max_k=3))
     if spec.rotate_p > 0 and spec.rotate_degrees > 0:
-        rad = math.radians(spec.rotate_degrees)
-        steps.append(RandRotated(key, range_x=rad, prob=spec.rotate_p, keep_size=True, padding_mode="border"))
+        steps.append(RandRotated(key, math.radians(spec.rotate_degrees), prob=spec.rotate_p))
     if spec.jitter_p > 0 and (spec.brightness or spec.contrast or spec.saturation or spec.hue):
         steps.append(RandColorJitterd(key, spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p))
     if spec.gray_p > 0:
@@ -230,7 +240,8 @@ def build_ssl_transform(
 
 
 class EvalTransform:
-    """``record -> {"image": Tensor(3,S,S) in [0,1], "label", "id"}``: read, scale, shorter side to S, centre crop."""
+    """``record -> {"image": Tensor(3,S,S) in [0,1], "label", "id"}``: read, scale, shorter side to S, centre crop
+    (a grayscale image is resized as 1 channel and returned as a stride-0 ``expand`` view)."""
 
     def __init__(self, modality: str, image_size: int) -> None:
         self.base = build_base_transform(modality)
@@ -239,7 +250,7 @@ class EvalTransform:
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
         image = self.base(dict(record))["image"]
         image = center_crop(resize_shorter_side(image, self.image_size), self.image_size).contiguous()
-        return {"image": image, "label": record.get("label"), "id": record.get("id")}
+        return {"image": as_rgb_view(image), "label": record.get("label"), "id": record.get("id")}
 
 
 def build_eval_transform(modality: str, image_size: int) -> EvalTransform:

@@ -141,3 +141,24 @@ def resolve(path_or_name: str | os.PathLike[str]) -> Path:
     if path.exists() or str(path_or_name) not in registry():
         return path
     return fetch(str(path_or_name))
+
+
+def resolve_weights(value: str | os.PathLike[str], *, what: str) -> str:
+    """``"random"``, an existing checkpoint file, or a registry name (fetched into the cache) -> what to load.
+
+    Args:
+        value: the weights a user named (a bundle's ``init`` or ``backbone``).
+        what: the setting's name, for the error message.
+
+    Raises:
+        MedsslError: neither a file nor a registry name (one line naming the path and the choices);
+            :class:`~medssl.errors.OfflineError` when a registry file cannot be downloaded.
+    """
+    if str(value) == "random":
+        return "random"
+    if Path(value).is_file():
+        return str(value)
+    if str(value) in registry():
+        return str(fetch(str(value)))
+    raise MedsslError(f"{what}: no such checkpoint file; give a checkpoint file, a weights registry name "
+                      f"(e.g. {', '.join(sorted(registry())[:3])}, ...) or random", value)

@@ -50,20 +50,32 @@ def window_to_range(
         values: modality-LUT output (any shape).
         center, width: Window Center / Window Width (0028,1050)/(0028,1051).
         function: VOI LUT Function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
+
+    Computed in float32 at full resolution, in place on one float32 copy (``LINEAR``:
+    ``(x - (c - 0.5)) / (w - 1) + 0.5`` as one multiply-add; the window clips, so it cannot move after the
+    downsampling exactly; float64 was 3x slower for no visible difference: float32 resolves 1/2^24 of the window).
     """
-    x = values.astype(np.float64)
+    x = np.array(values, dtype=np.float32)  # a fresh copy: the caller's array is never modified
     function = (function or "LINEAR").upper()
     if function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    elif function == "LINEAR_EXACT":
-        if width <= 0:
-            raise ValueError("LINEAR_EXACT window width must be > 0")
-        out = (x - (center - width / 2.0)) / width
+        x -= np.float32(center)
+        x *= np.float32(-4.0 / width)
+        np.exp(x, out=x)
+        x += np.float32(1.0)
+        np.reciprocal(x, out=x)
     else:
-        if width < 1:
-            raise ValueError("LINEAR window width must be >= 1")
-        out = ((x - (center - 0.5)) / (width - 1.0)) + 0.5
-    return np.clip(out, 0.0, 1.0).astype(np.float32), (0.0, 1.0)
+        if function == "LINEAR_EXACT":
+            if width <= 0:
+                raise ValueError("LINEAR_EXACT window width must be > 0")
+            scale, offset = 1.0 / width, -(center - width / 2.0) / width
+        else:
+            if width < 1:
+                raise ValueError("LINEAR window width must be >= 1")
+            scale, offset = 1.0 / (width - 1.0), 0.5 - (center - 0.5) / (width - 1.0)
+        x *= np.float32(scale)
+        x += np.float32(offset)
+    np.clip(x, 0.0, 1.0, out=x)
+    return x, (0.0, 1.0)
 
 
 def _voi(
@@ -155,11 +167,30 @@ def read_dicom_frame(
     if samples != 1:
         raise MedsslError(f"unsupported Samples per Pixel {samples}", path)
 
-    gray = apply_modality_lut(arr, ds)
+    gray = _modality_lut(arr, ds)
     values, (low, high) = _voi(gray, ds, window, percentiles)
+    values = np.asarray(values, dtype=np.float32)
     if photometric == "MONOCHROME1":
-        values = (low + high) - values
-    return values.astype(np.float32)[None], (low, high)
+        if not values.flags.writeable or np.shares_memory(values, arr):
+            values = values.copy()
+        np.subtract(np.float32(low + high), values, out=values)  # in place, float32
+    return values[None], (low, high)
+
+
+def _modality_lut(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Modality LUT stage: a Rescale Slope/Intercept is applied in float32 (pydicom's ``apply_modality_lut``
+    computes it in float64; float32 is exact for stored integers below 2^24); a Modality LUT Sequence goes
+    through pydicom; without either, the stored values are returned unchanged."""
+    if "ModalityLUTSequence" in ds or "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
+        return apply_modality_lut(arr, ds)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    out = arr.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
 
 
 def count_frames(path: str | os.PathLike[str]) -> int:

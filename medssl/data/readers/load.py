@@ -12,6 +12,8 @@ image     :func:`.image.read_image_file`              -
 npz       :func:`.npz.read_npz_image`                 ``index``, ``npz_split`` (default train)
 h5        :func:`.h5.read_h5_image`                   ``index``, ``h5_key`` (default ``x``)
 wsi       :func:`.wsi.read_wsi_tile`                  ``x``, ``y``, ``tile_size``, ``level``
+store     :func:`.store.read_store_record`            ``store_*`` (prepared manifest, see
+                                                      :mod:`medssl.data.store`)
 ========  ==========================================  =====================================
 
 Output: ``data[key]`` becomes a float32 numpy array ``(C, H, W)`` in native intensity units (C = 1 or 3;
@@ -36,7 +38,7 @@ from medssl.data.readers.volume import ITK_SUFFIXES, SliceMode, VolumeRange, rea
 from medssl.data.readers.wsi import read_wsi_tile
 from medssl.errors import MedsslError
 
-READ_SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "h5", "wsi")
+READ_SOURCES: tuple[str, ...] = ("dicom", "nifti", "nrrd", "image", "npz", "h5", "wsi", "store")
 
 
 class RecordLoadError(MedsslError):
@@ -130,6 +132,10 @@ def read_record(
         if record.get("x") is None or record.get("y") is None:
             raise MedsslError("wsi record needs tile coordinates 'x' and 'y'", path)
         return read_wsi_tile(path, record["x"], record["y"], int(record.get("tile_size") or 224), int(record.get("level") or 0))
+    if source == "store":  # a prepared manifest (medssl prepare): stored codes, range (0, 255 or 65535)
+        from medssl.data.store.layout import read_store_record  # lazy: the store package imports this module
+
+        return read_store_record(record)
     raise MedsslError(f"unknown source {source!r}: expected one of {', '.join(READ_SOURCES)}", path)
 
 

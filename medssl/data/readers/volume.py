@@ -130,7 +130,8 @@ def read_volume_slice(
         indices = [max(s - 1, 0), s, min(s + 1, n - 1)]
     else:
         raise ValueError(f"unknown slice mode {mode!r}: use '2d' or '2.5d'")
-    slab = np.stack([np.take(data, i, axis=ax) for i in indices], axis=0)
+    # basic indexing (a view), not np.take: np.take along an axis of the F-ordered RAS array costs ~0.1 s a slice
+    slab = np.stack([data[(slice(None),) * ax + (i,)] for i in indices], axis=0)
     return np.ascontiguousarray(slab, dtype=np.float32), _cached_range(key, range_mode, os.stat(key).st_mtime_ns)
 
 

@@ -34,7 +34,7 @@ from medssl.evaluation.features import extract_features, make_loader
 from medssl.evaluation.fractions import label_fraction_subsets
 from medssl.evaluation.losses import build_loss
 from medssl.evaluation.predictions import PredictionTable, concat_tables, prediction_rows
-from medssl.models import InputNormalization
+from medssl.models import FeatureExtractor, InputNormalization
 
 log = logging.getLogger("medssl.evaluation.finetune")
 
@@ -47,19 +47,16 @@ FINETUNE_DEFINITION = (
 
 
 class FineTuneClassifier(nn.Module):
-    """[0,1] images (N,3,H,W) -> logits (N,K): normalisation, backbone features, linear head."""
+    """[0,1] images (N,3,H,W) -> logits (N,K): :class:`~medssl.models.FeatureExtractor` (normalisation +
+    backbone features), then a linear head."""
 
     def __init__(self, backbone: nn.Module, normalization: nn.Module, num_classes: int) -> None:
         super().__init__()
-        self.normalization = normalization
-        self.backbone = backbone
+        self.extractor = FeatureExtractor(backbone, normalization)
         self.head = nn.Linear(backbone.num_features, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(self.normalization(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.head(self.extractor(x))
 
 
 def _val_output(output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,14 +165,5 @@ def finetune_trials(data: Any, loaded: Any, transform: Any,
         tables.append(prediction_rows(data.test, data.classes, test_labels, probs, trial, fraction))
         if trial == 0 and fraction == largest:
             loader = make_loader(data.test, transform, cfg["batch_size"], num_workers=cfg["num_workers"])
-            embeddings = extract_features(_Features(model), loader, cfg["device"], desc="test embeddings")
+            embeddings = extract_features(model.extractor, loader, cfg["device"], desc="test embeddings")
     return concat_tables(tables), embeddings, training
-
-
-class _Features(nn.Module):
-    def __init__(self, model: FineTuneClassifier) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)

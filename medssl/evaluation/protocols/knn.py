@@ -1,8 +1,13 @@
-"""Weighted kNN classification on cached frozen features (InstDisc/DINO style, Wu et al. 2018).
+"""The kNN evaluation protocol: weighted kNN classification on cached frozen features (InstDisc/DINO style,
+Wu et al. 2018).
 
 Each test image takes its ``k`` nearest training features by cosine similarity; neighbour j votes for its
-class with weight ``exp(sim_j / T)``; class probabilities are the normalised votes. The computation is
-``medssl.engines.knn.weighted_knn_predict`` (shared with the pretraining kNN monitor).
+class with weight ``exp(sim_j / T)``; class probabilities are the normalised votes; defaults k = 20, T = 0.07.
+
+This is evaluation's kNN API: :func:`knn_predict_proba` (NumPy in and out) and :func:`weighted_knn_predict`
+(tensors). The vote has one implementation, :func:`medssl.engines.knn.weighted_knn_predict`, re-exported
+here: the pretraining kNN monitor (engines) uses it too, and engines may not import evaluation (imports run
+data -> models/weights -> methods -> engines -> evaluation -> cli/bundles), so it is defined in the lower layer.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import numpy as np
 import torch
 
 from medssl.engines.knn import weighted_knn_predict
+
+__all__ = ["KNN_DEFINITION", "knn_predict_proba", "weighted_knn_predict"]
 
 KNN_DEFINITION = ("k nearest training features by cosine similarity vote with weight exp(sim / T); "
                   "probabilities = votes normalised per test image; prediction = argmax")

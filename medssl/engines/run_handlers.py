@@ -1,0 +1,175 @@
+"""Handlers of a pretraining run folder, each an object with ``attach(engine)`` (the MONAI/Ignite handler
+convention) so that :func:`medssl.engines.run.run_pretraining` and a bundle's ``train#handlers`` list attach the
+same ones:
+
+- :class:`RunCheckpointer`: exact-resume checkpoints in ``RUN_DIR/checkpoints`` every ``checkpoint_every``
+  steps and/or ``checkpoint_every_epochs`` epochs, at ``stop_after`` steps (then the invocation ends) and at
+  the end of the run. Collective under several processes (every rank's method extra state, generator states and
+  skipped records are gathered with ``idist.all_gather``); rank 0 writes. Each checkpoint carries the run
+  record (:mod:`medssl.engines.resume`) that a resume checks.
+- :class:`RunLogs`: ``metrics.jsonl`` (one line per ``log_every`` steps), TensorBoard under ``RUN_DIR/tb``
+  (tags ``train/loss``, ``train/lr``, ...; ``knn/balanced_accuracy`` through :meth:`RunLogs.knn_sink`) and a
+  progress bar; rank 0 only.
+- :class:`BackboneWriter`: ``RUN_DIR/backbone.safetensors`` (backbone, SSL heads, input normalisation and the
+  provenance of the run) when the run reaches its last step; rank 0 only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from medssl.engines.config import PretrainConfig
+
+
+class RunCheckpointer:
+    """Exact-resume checkpoints of ``engine`` (a :class:`~medssl.engines.trainer.PretrainingTrainer`).
+
+    Args:
+        run_dir: RUN_DIR (checkpoints go to ``RUN_DIR/checkpoints``).
+        config: the resolved run settings (stored in every checkpoint; ``checkpoint_every`` (steps, 0 = off),
+            ``checkpoint_every_epochs`` (0 = off), ``keep_checkpoints`` (newest K kept) and ``stop_after``
+            (steps) are read from it).
+        run_record: the run record (:func:`medssl.engines.resume.make_run_record`) stored in every checkpoint.
+    """
+
+    def __init__(self, run_dir: str | Path, config: PretrainConfig, run_record: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.run_record = run_record
+        self._saved: set[int] = set()
+
+    def save(self, engine: Any) -> None:
+        """Checkpoint the current step (once per step). Collective over ranks; rank 0 writes."""
+        from medssl.engines.checkpoint import build_checkpoint_state, capture_rng_state, save_checkpoint
+        from medssl.engines.resume import encode_run_record
+
+        it = engine.state.iteration
+        if it in self._saved:
+            return
+        self._saved.add(it)
+        per_rank = None
+        skipped = set(getattr(engine.data_loader, "skipped", ()))
+        if idist.get_world_size() > 1:
+            mine = {"method_extra": engine.method.extra_state(), "rng": capture_rng_state(),
+                    "skipped": sorted(skipped, key=str)}
+            per_rank = list(idist.all_gather(mine))  # one entry per rank, in rank order
+            skipped = {i for r in per_rank for i in r.pop("skipped")}
+        if idist.get_rank() == 0:
+            save_checkpoint(self.run_dir, build_checkpoint_state(
+                iteration=it, epoch=engine.state.epoch, method=engine.method, optimizer=engine.optimizer,
+                scaler=engine.grad_scaler, schedule=engine.schedule, config=self.config.to_dict(),
+                per_rank=per_rank, run=encode_run_record(self.run_record),
+                skipped_records=sorted(skipped, key=str)), keep_last=self.config.keep_checkpoints)
+
+    def _stop(self, engine: Any) -> None:
+        if engine.state.iteration >= int(self.config.stop_after):
+            self.save(engine)
+            engine.terminate()
+
+    def _final(self, engine: Any) -> None:
+        if engine.state.iteration >= engine.max_iterations:
+            self.save(engine)
+
+    def attach(self, engine: Engine) -> None:
+        cfg = self.config
+        if cfg.checkpoint_every > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.checkpoint_every), self.save)
+        if cfg.checkpoint_every_epochs > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=cfg.checkpoint_every_epochs), self.save)
+        if cfg.stop_after is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
+        engine.add_event_handler(Events.COMPLETED, self._final)
+
+
+class RunLogs:
+    """``metrics.jsonl``, TensorBoard and the progress bar of a run (rank 0; nothing on the other ranks).
+
+    Args:
+        run_dir: RUN_DIR.
+        metrics: the run's :class:`~medssl.engines.handlers.MetricsJsonl` (None: a new one on RUN_DIR).
+        log_every: steps between lines (``PretrainConfig.log_every``).
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(self, run_dir: str | Path, *, metrics: Any = None, log_every: int = PretrainConfig.log_every,
+                 progress: bool = True) -> None:
+        from medssl.engines.handlers import MetricsJsonl
+
+        self.run_dir = Path(run_dir)
+        self.metrics = metrics if metrics is not None else MetricsJsonl(self.run_dir / "metrics.jsonl")
+        self.log_every = int(log_every)
+        self.progress = bool(progress)
+        self.tb: Any = None
+
+    def knn_sink(self, record: dict[str, Any]) -> None:
+        """Write a kNN monitor record to TensorBoard (``knn/balanced_accuracy`` at its iteration)."""
+        if self.tb is not None:
+            self.tb.writer.add_scalar("knn/balanced_accuracy", record["knn_balanced_accuracy"], record["iteration"])
+
+    def attach(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        from medssl.engines.handlers import attach_iteration_logging, attach_progress_bar, attach_tensorboard
+
+        attach_iteration_logging(engine, self.metrics, every=self.log_every)
+        self.tb = attach_tensorboard(engine, self.run_dir / "tb", every=self.log_every)
+        if self.progress:
+            attach_progress_bar(engine)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.tb.close())
+
+
+class BackboneWriter:
+    """``RUN_DIR/backbone.safetensors`` at the end of a finished run (rank 0): a medssl file with the backbone,
+    the SSL heads, the input normalisation ``spec`` and the provenance (init ``source``, preparation
+    ``reports``, the pretraining settings of ``config``)."""
+
+    def __init__(self, run_dir: str | Path, config: PretrainConfig, *, spec: dict[str, Any],
+                 reports: list[dict[str, Any]], source: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.spec, self.reports, self.source = spec, reports, source
+
+    def write(self, method: nn.Module, iteration: int) -> Path:
+        from medssl.methods import HEAD_NAMES
+        from medssl.weights import save_medssl_file
+        from medssl.weights.prepare import has_batchnorm_statistics, preparation_summary
+
+        cfg = self.config
+        backbone = method.backbone
+
+        def plain(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+        heads = {name: plain(getattr(method, name)) for name in HEAD_NAMES
+                 if isinstance(getattr(method, name, None), nn.Module)}
+        provenance = {
+            **self.source,
+            "operations": self.reports,
+            "pretraining": {"method": cfg.method, "iterations": iteration, "epochs": cfg.epochs,
+                            "batch_size": cfg.batch_size, "image_size": cfg.image_size, "lr": cfg.lr,
+                            "optimizer": cfg.optimizer, "seed": cfg.seed, "modality": cfg.modality,
+                            "data": Path(cfg.data).name, "method_schedule": cfg.method_schedule},
+        }
+        if self.reports:
+            provenance["preparation"] = preparation_summary(self.reports)
+        if has_batchnorm_statistics(backbone):
+            provenance["bn_statistics"] = "trained"  # running statistics of the SSL training batches
+        path = self.run_dir / "backbone.safetensors"
+        save_medssl_file(path, plain(backbone), arch=backbone.arch, arch_kwargs=backbone.arch_kwargs, heads=heads,
+                         input_normalization=self.spec, provenance=provenance)
+        return path
+
+    def attach(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+
+        def _done(eng: Any) -> None:
+            if eng.state.iteration >= eng.max_iterations:
+                self.write(eng.method, eng.state.iteration)
+        engine.add_event_handler(Events.COMPLETED, _done)

@@ -60,3 +60,17 @@ def _drop_cli_log_handlers():
         for handler in lg.handlers[:]:
             if isinstance(handler, logging.StreamHandler) and handler not in before.get(id(lg), []):
                 lg.removeHandler(handler)
+
+
+def write_image_folder(root: Path, *, height: int, width: int, seed: int, per_class: int = 8) -> Path:
+    """A labelled image folder ``root/{a,b}/{i}.png`` of random RGB uint8 images (height x width), seeded."""
+    import numpy as np
+    from skimage.io import imsave
+
+    rng = np.random.default_rng(seed)
+    for label in ("a", "b"):
+        (root / label).mkdir()
+        for i in range(per_class):
+            image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+            imsave(root / label / f"{i}.png", image, check_contrast=False)
+    return root

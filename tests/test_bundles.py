@@ -441,3 +441,89 @@ def test_start_weights_are_prepared_as_the_recipe_says(modality: str, data: dict
         assert set(done) == {"gn_to_bn"}
         assert done["gn_to_bn"]["count"] == sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
         assert out.arch == "resnetv2_50x1" and out.arch_kwargs["norm"] == "bn"
+
+
+def _medssl_error(error: BaseException) -> BaseException | None:
+    """The MedsslError a ``monai.bundle`` run wrapped (config expressions re-raise as RuntimeError)."""
+    from medssl.errors import MedsslError
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, MedsslError):
+        cause = cause.__cause__
+    return cause
+
+
+class _Evil:
+    """Unpickling it creates a folder: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (self.marker,))
+
+
+def test_bundle_resume_verifies_the_run_folder_like_the_cli(data: dict[str, Path], tmp_path: Path) -> None:
+    """A bundle resume reads config.json and the newest checkpoint only and checks that they belong together: an
+    edited config.json pointing at a malicious pickle with trust on is refused in one line and no code runs; a
+    setting a resume cannot change is refused; a resumable one (lr) is applied and logged to resumes.jsonl."""
+    import pickle
+
+    from medssl.engines.runlock import RunLock
+
+    overrides = {**_train_overrides("ultrasound", data["ultrasound"]), "iterations": 4, "knn_every": 0}
+    bundle = _copy("ultrasound", tmp_path)
+    _run(bundle, ("train",), **overrides, stop_after=2)
+    run_dir = bundle / "runs" / "pretrain_simclr"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint_00000002.pt"]
+    original = (run_dir / "config.json").read_text()
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Evil(marker)))
+    edited = {**json.loads(original), "init": str(evil), "trust": True}
+    (run_dir / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(RuntimeError) as info:
+        _run(bundle, ("train",), **overrides, resume=True)
+    error = _medssl_error(info.value)
+    assert error is not None and "\n" not in str(error)
+    assert str(run_dir / "config.json") in str(error) and "checkpoint_00000002.pt" in str(error)
+    assert not marker.exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+    assert not (bundle / "models" / "model.pt").exists()
+    with RunLock(run_dir):  # the refused resume released the lock
+        pass
+    (run_dir / "config.json").write_text(original)
+    # a setting a resume cannot apply (the batch size) is refused, naming it
+    with pytest.raises(RuntimeError) as info:
+        _run(bundle, ("train",), **{**overrides, "batch_size": 2}, resume=True)
+    error = _medssl_error(info.value)
+    assert error is not None and "--batch-size" in str(error) and "\n" not in str(error)
+    # a resumable one is applied from the current step and recorded; the run finishes its 4 steps
+    _run(bundle, ("train",), **{**overrides, "lr": 0.25}, resume=True)
+    resumes = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["checkpoint"], r["applied"]) for r in resumes] == \
+        [(2, "checkpoint_00000002.pt", {"lr": 0.25})]
+    assert json.loads((run_dir / "config.json").read_text()) == json.loads(original)  # the run-start record
+    state = torch.load(run_dir / "checkpoints" / "checkpoint_00000004.pt", weights_only=True)
+    assert json.loads(state["run"])["overrides"] == {"lr": 0.25} and state["config"]["lr"] == 0.25
+    assert [json.loads(x)["iteration"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (bundle / "models" / "model.pt").is_file()
+
+
+def test_second_bundle_run_on_a_locked_folder_fails_naming_the_holder(data: dict[str, Path], tmp_path: Path) -> None:
+    from medssl.engines.runlock import RunLock
+
+    bundle = _copy("ultrasound", tmp_path)
+    run_dir = bundle / "runs" / "pretrain_simclr"
+    overrides = {**_train_overrides("ultrasound", data["ultrasound"]), "knn_every": 0}
+    with RunLock(run_dir):  # another run holds the folder (flock is per open file: this process counts)
+        with pytest.raises(RuntimeError) as info:
+            _run(bundle, ("train",), **overrides)
+    error = _medssl_error(info.value)
+    assert error is not None and "\n" not in str(error)
+    assert f"in use by another run (pid {os.getpid()} on host" in str(error) and str(run_dir) in str(error)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written by the refused run
+    assert not (bundle / "models").exists()
+    _run(bundle, ("train",), **overrides)  # once the holder is gone the folder is free
+    assert (bundle / "models" / "model.pt").is_file()

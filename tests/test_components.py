@@ -9,16 +9,15 @@ import inspect
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from skimage.io import imsave
 
 from medssl.cli import main as medssl_main
 from medssl.engines import components
 from medssl.engines.checkpoint import list_checkpoints, load_checkpoint_file
 from medssl.engines.config import PretrainConfig
+from tests.conftest import write_image_folder
 
 OPTIONS = {
     "simclr": {"projector_hidden_dim": 16, "projector_out_dim": 8},
@@ -29,13 +28,7 @@ OPTIONS = {
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for label in ("a", "b"):
-        (root / label).mkdir()
-        for i in range(8):
-            imsave(root / label / f"{i}.png", (rng.random((40, 36, 3)) * 255).astype(np.uint8), check_contrast=False)
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"), height=40, width=36, seed=1)
 
 
 def _bundle_config(data: Path, method: str) -> dict:
@@ -206,3 +199,47 @@ def test_pretraining_records_checks_required_splits(folder):
     with pytest.raises(MedsslError, match="no record in split.*pretrain") as err:
         components.pretraining_records(str(folder), ["pretrain", "train"])
     assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["simclr", "swav"])
+def test_cli_and_shipped_bundle_build_identical_components(folder, tmp_path, method):
+    """The shipped ultrasound bundle (configs/train.yaml as ``monai.bundle run`` reads it) and ``medssl pretrain
+    --modality ultrasound`` with the same settings: the same initial weights, learning rate, first-step loss and
+    weights after the step (CPU, one process)."""
+    from medssl.bundles import init_bundle
+
+    settings = {"arch": "resnet18", "small_stem": True, "widen_factor": 0.125, "image_size": 32, "batch_size": 8,
+                "iterations": 1}
+    out = tmp_path / "cli"
+    rc = medssl_main(["pretrain", "--data", str(folder), "--method", method, "--modality", "ultrasound",
+                      "--out", str(out), "--arch", "resnet18", "--small-stem", "--widen-factor", "0.125",
+                      "--image-size", "32", "--batch-size", "8", "--iterations", "1", "--workers", "0",
+                      "--device", "cpu", "--knn-every", "0", "--precision", "fp32",
+                      "--method-options", json.dumps(OPTIONS[method]), "--no-progress"])
+    assert rc == 0
+    cli_state = load_checkpoint_file(list_checkpoints(out)[-1][1])
+    cli_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    bundle = init_bundle("ultrasound", tmp_path / "bundle")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.yaml"))
+    parser.update({"bundle_root": str(bundle), "data": str(folder), "method": method, "init": "random",
+                   "workers": 0, "knn_every": 0, "device": "$torch.device('cpu')", "precision": "fp32",
+                   "method_options": OPTIONS[method], **settings})
+    parser.parse()
+    parser.get_parsed_content("initialize")  # seed, then take the run folder
+    trainer = parser.get_parsed_content("train#trainer")
+    config = parser.get_parsed_content("resolved")
+    for name in ("lr", "weight_decay", "optimizer", "warmup_epochs", "iterations", "method_options"):
+        assert getattr(config, name) == cli_state["config"][name], name
+    assert trainer.optimizer.defaults["lr"] == pytest.approx(cli_state["config"]["lr"])
+    trainer.run()
+    parser.get_parsed_content("finalize")
+    assert trainer.state.iteration == 1 and float(trainer.state.output["loss"]) == cli_loss
+    bundle_state = trainer.method.state_dict()
+    assert bundle_state.keys() == cli_state["method"].keys()
+    for key, value in bundle_state.items():
+        assert torch.equal(value.cpu(), cli_state["method"][key]), key
+    run_dir = bundle / "runs" / f"pretrain_{method}"
+    recorded = json.loads((run_dir / "config.json").read_text())
+    assert recorded["method_schedule"] == cli_state["config"]["method_schedule"]

@@ -185,6 +185,22 @@ def test_iterations_must_exceed_the_checkpoint(stopped_run, tmp_path, capsys):
     assert "must exceed" in _one_line_error(capsys)
 
 
+def test_resuming_a_run_completed_by_an_earlier_resume_is_a_no_op(stopped_run, tmp_path, capsys):
+    """--iterations recorded by an earlier resume is not re-checked: the completed run just says it is finished."""
+    run = _copy(stopped_run, tmp_path)
+    assert medssl_main(["pretrain", "--resume", "--out", str(run), "--iterations", "3", "--no-progress"]) == 0
+    last = list_checkpoints(run)[-1]
+    assert last[0] == 3
+    before = last[1].read_bytes()
+    assert medssl_main(["pretrain", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert list_checkpoints(run)[-1][0] == 3 and list_checkpoints(run)[-1][1].read_bytes() == before
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["applied"]) for r in resumes] == [(2, {"iterations": 3}), (3, {})]
+    # giving the same length again is still refused: it would not extend the run
+    assert medssl_main(["pretrain", "--resume", "--out", str(run), "--iterations", "3"]) == 2
+    assert "must exceed" in _one_line_error(capsys)
+
+
 def _corrupt(path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from skimage.io import imsave
 
 from medssl.cli import main as medssl_main
 from medssl.engines.checkpoint import list_checkpoints, load_checkpoint_file
 from medssl.engines.config import PretrainConfig
 from medssl.engines.run import run_pretraining
+from tests.conftest import write_image_folder
 
 METHOD_OPTIONS = {
     "simclr": {"projector_hidden_dim": 16, "projector_out_dim": 8},
@@ -26,13 +25,7 @@ METHOD_OPTIONS = {
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_images")
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (root / label).mkdir()
-        for i in range(8):
-            imsave(root / label / f"{i}.png", (rng.random((36, 36, 3)) * 255).astype(np.uint8), check_contrast=False)
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("tiny_images"), height=36, width=36, seed=0)
 
 
 def _config(data: Path, out: Path, method: str, **extra) -> PretrainConfig:

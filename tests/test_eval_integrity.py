@@ -177,6 +177,29 @@ def test_uncalibrated_bn_file_is_refused_in_eval_mode_unless_recalibrated(tmp_pa
     assert np.isfinite(_test_features(out)).all()
 
 
+def test_uncalibrated_refusal_names_the_operation_that_reset_the_statistics(tmp_path, capsys):
+    """A file left uncalibrated by random dead-filter repair (no GroupNorm anywhere) is refused naming that repair."""
+    from medssl.cli import main
+
+    net = _tiny()
+    with torch.no_grad():
+        net.layer1[0].conv1.weight[0].zero_()  # one dead filter (norm 0 < 0.1)
+    torch.save(net.state_dict(), tmp_path / "tv.pth")
+    converted = tmp_path / "repaired.safetensors"
+    assert main(["weights", "convert", str(tmp_path / "tv.pth"), "--dead-filters", "random",
+                 "-o", str(converted)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 dead filters repaired; BatchNorm statistics: uncalibrated" in printed
+    assert "rule" not in printed  # no Frobenius scaling was asked for, so no rule is named
+    with pytest.raises(MedsslError) as err:
+        run_evaluation("synthetic", tmp_path / "refused", backbone=str(converted), records=_records(),
+                       transform=_transform, transform_desc="synthetic-v1", protocol="linear", epochs=1, trials=1)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "repaired.safetensors" in msg and "--recalibrate-bn" in msg
+    assert "random dead-filter repair" in msg and "GroupNorm" not in msg
+    assert _nothing_written(tmp_path / "refused")
+
+
 # --- one balanced accuracy ---------------------------------------------------------------------------------------
 
 def test_balanced_accuracy_has_one_definition_equal_to_sklearn():

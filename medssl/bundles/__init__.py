@@ -6,9 +6,13 @@ standard MONAI model-zoo bundles (``configs/train.yaml``, ``evaluate.yaml``, ``i
 ``LICENSE``). They ship as package data, so a plain ``pip install medssl`` has them;
 ``medssl bundle init MODALITY DIR`` (:func:`init_bundle`) writes one to a folder.
 
-Modules: :mod:`medssl.bundles.pretraining` (trainer, handlers, start weights and resume of the train config),
-:mod:`medssl.bundles.transforms` (deterministic resize/crop and the per-view copies of the view augmentation),
-:mod:`medssl.bundles.inference` (features of a folder of images written to ``output_dir``).
+The configs build their components with the library's builders, the same ones ``medssl pretrain`` and
+``medssl evaluate`` use (:mod:`medssl.engines.components`, :mod:`medssl.engines.run_handlers`,
+:class:`medssl.engines.run_folder.RunFolder`, :func:`medssl.evaluation.components.evaluate_backbone`). Modules
+here hold only what the MONAI conventions add: :mod:`medssl.bundles.pretraining` (the SSL method with its run
+schedule; the trainer with MONAI's arguments), :mod:`medssl.bundles.transforms` (deterministic resize/crop, the
+per-view copies of the view augmentation, the text of a pipeline), :mod:`medssl.bundles.inference` (features of
+a folder of images written to ``output_dir``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
   crops scale (0.14, 1), ``num_local`` local crops of ``round(S * 96 / 224)`` px at scale (0.05, 0.14)). These
   are the rules of :func:`medssl.transforms.presets.view_specs` and ``multicrop_options``, applied to the
   chain the config lists, so an edited or overridden parameter reaches every view.
+- :func:`describe_transform`: the text of a ``Compose`` that keys ``configs/evaluate.yaml``'s feature cache.
 """
 
 from __future__ import annotations
@@ -107,3 +108,15 @@ def method_views(augmentation: Compose, *, num_views: int = 2, view_recipe: str 
         views += [_crop_view(augmentation, scale=tuple(local_scale), size=int(local_size))
                   for _ in range(int(num_local))]
     return MultiViewd(views)
+
+
+def describe_transform(transform: Any) -> str:
+    """A stable text of a ``Compose``: each step's class and its scalar/str/tuple settings (the feature-cache
+    key of a custom pipeline: an edited parameter gives another key)."""
+    steps = getattr(transform, "transforms", [transform])
+    parts = []
+    for step in steps:
+        settings = {k: v for k, v in sorted(vars(step).items()) if not k.startswith("_") and k != "R"
+                    and isinstance(v, (int, float, str, bool, tuple, type(None)))}
+        parts.append(f"{type(step).__module__}.{type(step).__name__}{settings}")
+    return "bundle validate#preprocessing: " + "; ".join(parts)

@@ -195,26 +195,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.set_defaults(func=run_validate)
 
     split = sub.add_parser("split", help="grouped, stratified split")
-    split.add_argument("manifest")
+    split.add_argument("manifest", help="manifest to split (JSONL)")
     split.add_argument("-o", "--output", required=True, help="manifest to write with 'split' set")
-    split.add_argument("--ratios", default="0.6,0.2,0.2")
-    split.add_argument("--names", default="train,val,test")
+    split.add_argument("--ratios", default="0.6,0.2,0.2",
+                       help="fractions of the records per split, comma-separated (default 0.6,0.2,0.2)")
+    split.add_argument("--names", default="train,val,test",
+                       help="split names in the order of --ratios (default train,val,test)")
     split.add_argument("--group", default="patient_id", help="patient_id (default), lesion_id, study_id or none")
     split.add_argument("--stratify", default="label", help="class key (default label) or none")
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--seed", type=int, default=0, help="seed of the group order (default 0)")
     split.set_defaults(func=run_split)
 
     subsample = sub.add_parser("subsample", help="stratified label fractions, nested across fractions per seed")
-    subsample.add_argument("manifest")
+    subsample.add_argument("manifest", help="manifest with splits (JSONL)")
     subsample.add_argument("-o", "--output", required=True, help="folder for <stem>.frac<F>.seed<S>.jsonl files")
-    subsample.add_argument("--fractions", default="0.01,0.1,0.25")
-    subsample.add_argument("--seeds", default="0,1,2")
-    subsample.add_argument("--split", default="train", help="split to subsample (others kept whole), or 'all'")
-    subsample.add_argument("--stratify", default="label")
+    subsample.add_argument("--fractions", default="0.01,0.1,0.25",
+                           help="label fractions in (0, 1], comma-separated (default 0.01,0.1,0.25)")
+    subsample.add_argument("--seeds", default="0,1,2", help="one subset per seed, comma-separated (default 0,1,2)")
+    subsample.add_argument("--split", default="train",
+                           help="split to subsample (default train; others kept whole), or 'all'")
+    subsample.add_argument("--stratify", default="label", help="class key (default label) or none")
     subsample.set_defaults(func=run_subsample)
 
     export = sub.add_parser("export", help="write a MONAI datalist JSON (training/validation/test)")
-    export.add_argument("manifest")
+    export.add_argument("manifest", help="manifest to export (JSONL)")
     export.add_argument("-o", "--output", required=True,
                         help="datalist JSON to write (no paths; they go to <output>.private.jsonl)")
     export.add_argument("--with-paths", action="store_true",

@@ -12,8 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="run the built-in demo (synthetic data, CPU, a few minutes, downloads nothing)",
         description="Write a synthetic ultrasound-like dataset, pretrain a first stage on a synthetic source "
                     "domain, then P1X (random init) and P2X (from the first stage, Frobenius scaling + dead-filter "
-                    "copy) on the target, evaluate Random / first stage / P1X / P2X with the linear probe at 10%% "
-                    "and 100%% labels (3 trials) and write DIR/report.md.")
+                    "copy) on the target, evaluate Random / first stage / P1X / P2X with the linear probe at 10 % "
+                    "and 100 % of the labels (3 trials) and write DIR/report.md.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quick", action="store_true", help="shrink everything (a smoke test of the pipeline)")
     p.add_argument("--data", metavar="MANIFEST",

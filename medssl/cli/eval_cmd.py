@@ -51,14 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--gamma", type=float, help="focal loss gamma (default 4)")
     ev.add_argument("--k", type=int, help="kNN neighbours (default 20)")
     ev.add_argument("--temperature", type=float, help="kNN temperature (default 0.07)")
-    ev.add_argument("--seed", type=int, help="default 0")
+    ev.add_argument("--seed", type=int, help="trial t draws its label subset with seed + t and seeds its head "
+                    "with seed + 1000 t (default 0)")
     ev.add_argument("--bootstrap", type=int, help="bootstrap resamples (>= 1000; default 1000)")
     ev.add_argument("--cluster-by", choices=("auto", "lesion_id", "patient_id", "none"),
                     help="unit resampled by the bootstrap CIs: auto (default) = lesion_id if any test image has "
                     "one, else patient_id, else the image (none)")
     ev.add_argument("--name", help="label of this initialisation in reports, e.g. P2X")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--num-workers", type=int, help="default 0")
+    ev.add_argument("--num-workers", type=int, help="data-loading processes (default 0: in the main process)")
     ev.add_argument("--out", required=True, help="EVAL_DIR to write")
     ev.set_defaults(func=evaluate)
 
@@ -66,15 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report", help="compare evaluation folders: table with CIs, paired comparisons, plots",
         description="Comparison table (rows: initialisations, columns: datasets x label fractions) as "
         "Markdown and CSV, paired bootstrap comparisons and plots.")
-    rep.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR")
-    rep.add_argument("-o", "--out", required=True, help="OUT_DIR")
+    rep.add_argument("eval_dirs", nargs="+", metavar="EVAL_DIR", help="folders written by medssl evaluate")
+    rep.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="report folder to write")
     rep.add_argument("--pretrain-runs", nargs="*", default=[], metavar="RUN_DIR",
                      help="pretraining run folders (metrics.jsonl) for loss and kNN curves")
     rep.add_argument("--bootstrap", type=int, default=1000,
-                     help="resamples of the paired bootstrap (raised to 10,000 where p < ~0.01)")
+                     help="resamples of the paired bootstrap (default 1000, raised to 10,000 where p < ~0.01)")
     rep.add_argument("--cluster-by", choices=("auto", "lesion_id", "patient_id", "none"), default=None,
                      help="unit resampled by CIs and paired tests; default: each evaluation's own --cluster-by")
-    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
     rep.set_defaults(func=report)
 
 

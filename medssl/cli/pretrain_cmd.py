@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Pretrain a backbone with SimCLR, SwAV, BYOL or SimSiam on a manifest or image folder. "
                     "RUN_DIR receives config.json, checkpoints/, tb/, metrics.jsonl and backbone.safetensors.")
     p.add_argument("--data", help="manifest (.jsonl) or folder of images (subfolders = labels)")
-    p.add_argument("--method", choices=["simclr", "swav", "byol", "simsiam"])
+    p.add_argument("--method", choices=["simclr", "swav", "byol", "simsiam"], help="SSL method (required for a new run)")
     p.add_argument("--init", help="'random' (default) or a checkpoint file (any supported format)")
     p.add_argument("--arch", help="architecture (default: the checkpoint's; resnet50 for random init)")
     p.add_argument("--norm", choices=["keep", "bn"], help="keep (default) or bn: replace GroupNorm by BatchNorm")
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "unit_norm: W, running mean / s, running var / s^2")
     p.add_argument("--fold-ws", action="store_true", default=None,
                    help="fold weight standardisation into plain convs (required to scale a BiT)")
-    p.add_argument("--dead-filters", choices=["copy", "random", "none"], help="default none")
+    p.add_argument("--dead-filters", choices=["copy", "random", "none"],
+                   help="repair filters with norm < 0.1 (Ciga et al.; copy is the paper's best; default none)")
     p.add_argument("--use-checkpoint-heads", action="store_true", default=None,
                    help="start from the checkpoint's SSL heads")
     p.add_argument("--trust", action="store_true", default=None,
@@ -44,21 +45,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modality",
                    help="augmentation preset: generic (default), xray, ultrasound, histology, mri, dermatoscopy")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int)
+    length.add_argument("--epochs", type=int, help="passes over the pretraining images (default 100)")
     length.add_argument("--iterations", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--stop-after", type=int, help="end this invocation after N steps (checkpointed); --resume later")
     p.add_argument("--batch-size", type=int, help="images per optimizer step and process (default 128)")
     p.add_argument("--image-size", type=int, help="view size in pixels (default 224)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: paper rate x batch / 256)")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "lars"])
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate (default: the method's paper rate per 256 images x global batch / 256)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "lars"],
+                   help="default: the method's paper optimizer (LARS; SGD for SimSiam)")
+    p.add_argument("--weight-decay", type=float,
+                   help="default: the method's paper value (SimCLR, SwAV 1e-6; BYOL 1.5e-6; SimSiam 1e-4)")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warmup in epochs (default: the paper's, 10, or 0 for SimSiam; at most 10 %% of the run)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
-    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format (faster convolutions on recent GPUs)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training network")
     p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--workers", type=int, help="data-loading processes (default 4)")
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--seed", type=int, help="seed of initialisation, data order and augmentation (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--augment-on", choices=["loader", "device"],
                    help="loader (default): per-sample augmentation in the workers; device: batched (kornia) on the "
@@ -68,13 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--knn-every", type=int, help="epochs between kNN checks (0 = off; default 1)")
     p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (0 = off, default)")
     p.add_argument("--checkpoint-every-epochs", type=int, help="epochs between checkpoints (0 = off; default 1)")
-    p.add_argument("--keep-checkpoints", type=int, help="default 3")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept in RUN_DIR/checkpoints (default 3)")
     p.add_argument("--skip-bad-records", type=int, metavar="N",
                    help="replace up to N unreadable records (logged to RUN_DIR/errors.jsonl) instead of stopping "
                         "at the first (default 0)")
     p.add_argument("--small-stem", action="store_true", default=None,
                    help="3x3 stride-1 stem without max-pool (small images)")
-    p.add_argument("--widen-factor", type=float, help="default 1.0")
+    p.add_argument("--widen-factor", type=float, help="channel-width multiplier (default 1.0)")
     p.add_argument("--method-options", metavar="JSON",
                    help='method keyword options as JSON, e.g. \'{"temperature": 0.5}\'')
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

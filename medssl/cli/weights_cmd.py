@@ -235,7 +235,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     done = ", ".join(op.get("operation", "?") for op in operations) or "none"
     counts = ""
     if args.scale_frobenius or args.dead_filters != "none":
-        counts = (f"; {summary['layers_scaled']} conv+BN layers scaled ({args.frobenius_rule} rule), "
+        rule = f" ({args.frobenius_rule} rule)" if args.scale_frobenius else ""
+        counts = (f"; {summary['layers_scaled']} conv+BN layers scaled{rule}, "
                   f"{summary['filters_repaired']} dead filters repaired")
     bn = ""
     if state is not None:

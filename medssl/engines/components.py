@@ -10,7 +10,8 @@ out of a config.
 Stable API (names and signatures; keyword-only after the first argument unless shown):
 
 - ``build_network(arch=None, *, init="random", norm="keep", small_stem=False, widen_factor=1.0,
-  scale_frobenius=False, frobenius_rule="paper", fold_ws=False, dead_filters="none", trust=False, seed=0)``
+  scale_frobenius=False, frobenius_rule="paper", fold_ws=False, dead_filters="none", trust=False, seed=0,
+  resumed=None)``
   -> backbone (``nn.Module``, train mode) carrying ``.medssl_origin`` (:class:`NetworkOrigin`).
 - ``build_input_normalization(network)`` -> :class:`~medssl.models.InputNormalization` of the network's weights.
 - ``build_feature_extractor(network, *, channels_last=False)`` -> :class:`~medssl.models.FeatureExtractor`.
@@ -34,10 +35,14 @@ Stable API (names and signatures; keyword-only after the first argument unless s
   compile=False, view_augment=None, seed=0, collapse_threshold=0.2, collapse_sink=None, last_checkpoint=None,
   handlers=())`` -> :class:`~medssl.engines.trainer.PretrainingTrainer` (DDP-wrapped under several processes;
   ``trainer.method_schedule`` = what ``configure_run`` resolved).
+- ``seed_everything(seed)``: Python, NumPy and torch generators (identical initial state on every rank).
 - Handlers with ``attach(engine)`` for ``handlers`` / a bundle's ``train#handlers``:
   :mod:`medssl.engines.run_handlers` (``RunCheckpointer(run_dir, config, run_record)``,
-  ``RunLogs(run_dir, *, metrics=None, log_every=1, progress=True)``,
-  ``BackboneWriter(run_dir, config, *, spec, reports, source)``).
+  ``RunLogs(run_dir, *, metrics=None, log_every=1, progress=True, tensorboard=True)``,
+  ``BackboneWriter(run_dir, config, *, spec, reports, source, out_dir=None, model_file=None)``,
+  ``KnnCheck(config, records, *, logs=None)``, ``CollapseGuard(threshold=0.2, *, logs=None)``) and
+  :class:`medssl.engines.run_folder.RunFolder` (``RunFolder(run_dir, *, resume=False, overwrite=False)``: lock,
+  resume verification, run record, ``config.json``).
 
 Randomness: :func:`build_network` and :func:`build_ssl_method` draw their initial weights from a forked torch
 generator seeded with ``component_seed(seed, name)``, so the objects do not depend on the order in which a
@@ -106,6 +111,18 @@ def config_kwargs(config: PretrainConfig, builder: Callable[..., Any], **extra: 
     return values
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator (``seed mod 2**32``) and torch's CPU (and CUDA)
+    generators with ``seed``."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def component_seed(seed: int, name: str) -> int:
     """A 63-bit seed for component ``name``: the first 8 bytes of ``SHA-256(f"{seed}:{name}")``."""
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()[:8], "big") >> 1
@@ -123,7 +140,7 @@ def build_network(arch: str | None = DEFAULTS.arch, *, init: str = DEFAULTS.init
                   small_stem: bool = DEFAULTS.small_stem, widen_factor: float = DEFAULTS.widen_factor,
                   scale_frobenius: bool = DEFAULTS.scale_frobenius, frobenius_rule: str = DEFAULTS.frobenius_rule,
                   fold_ws: bool = DEFAULTS.fold_ws, dead_filters: str = DEFAULTS.dead_filters,
-                  trust: bool = DEFAULTS.trust, seed: int = DEFAULTS.seed) -> nn.Module:
+                  trust: bool = DEFAULTS.trust, seed: int = DEFAULTS.seed, resumed: Any = None) -> nn.Module:
     """The backbone to pretrain: random init or a checkpoint, prepared as asked (Ciga et al., Lu et al.).
 
     Args:
@@ -135,11 +152,18 @@ def build_network(arch: str | None = DEFAULTS.arch, *, init: str = DEFAULTS.init
             :func:`medssl.weights.prepare.prepare_backbone`.
         trust: allow pickled checkpoints that need arbitrary classes.
         seed: random init and random dead-filter repair are drawn from it.
+        resumed: a :class:`~medssl.engines.run_folder.RunFolder` that resumes a run: the backbone is rebuilt
+            from its checkpoint's run record (layout, input normalisation, imported heads, provenance; the
+            weights are restored from the checkpoint) and ``init`` / ``trust`` are not acted upon, so a resume
+            reads no init file. None, or a new run: built from ``init``.
 
     Returns:
         The backbone in train mode with ``medssl_origin`` (:class:`NetworkOrigin`).
     """
     from medssl.models import IMAGENET_NORMALIZATION, build_backbone
+
+    if resumed is not None and resumed.resume:
+        return resumed.rebuilt_backbone().train()
 
     extra: dict[str, Any] = {}
     if small_stem:

@@ -156,7 +156,9 @@ def resume_config(run_dir: Path, state: dict[str, Any], checkpoint: Path, given:
     overrides.update(applied)
     changes = {**overrides, "out": str(run_dir), "stop_after": given.get("stop_after"), "trust": False}
     config = dataclasses.replace(config, **changes)
-    if "iterations" in overrides and (config.iterations is None or config.iterations <= start):
+    # only a length given now must extend the run; one recorded by an earlier resume may equal the last step
+    # (the run is then complete and the trainer says so)
+    if "iterations" in given and (config.iterations is None or config.iterations <= start):
         raise MedsslError(f"--iterations {config.iterations} must exceed the checkpoint's {start} steps",
                           checkpoint)
     if config.lr is not None and not config.lr > 0:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from torch import nn
 
@@ -82,7 +80,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: 
                 raise MedsslError("output folder is not empty; use --resume to continue it or --overwrite",
                                   run_dir)
             if rank0:
-                _clear_run_outputs(run_dir)
+                clear_run_outputs(run_dir)
         world = launch_world_size()
         backend = None if world <= 1 else ("nccl" if torch.cuda.is_available() else "gloo")
         with idist.Parallel(backend=backend) as parallel:
@@ -90,7 +88,8 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = False, overwrite: 
     return run_dir
 
 
-def _clear_run_outputs(run_dir: Path) -> None:
+def clear_run_outputs(run_dir: Path) -> None:
+    """Remove the outputs of an earlier run from ``run_dir`` (for ``--overwrite``); other files stay."""
     for name in ("metrics.jsonl", "config.json", "backbone.safetensors", "errors.jsonl", "resumes.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "tb"):
@@ -99,12 +98,6 @@ def _clear_run_outputs(run_dir: Path) -> None:
             for p in sorted(folder.rglob("*"), reverse=True):
                 p.unlink() if p.is_file() or p.is_symlink() else p.rmdir()
             folder.rmdir()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progress: bool) -> None:
@@ -122,7 +115,7 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
         config = components.resolve_pretrain_config(config, num_images=len(records), world_size=world)
     elif "iterations" in resumed[2]["overrides"]:
         config = dataclasses.replace(config, epochs=-(-int(config.iterations) // per_epoch))
-    _seed_everything(config.seed)  # identical initialisation on every rank
+    components.seed_everything(config.seed)  # identical initialisation on every rank
     if resume:  # the layout comes from the checkpoint's run record: the init file is never read again
         from medssl.engines.resume import rebuild_backbone
 
@@ -147,7 +140,7 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
         ckpt, state, run_record = resumed[0], resumed[1], resumed[2]
         start = int(state["iteration"])
         logger.info("resuming %s from iteration %d", run_dir, start)
-    _seed_everything(config.seed + rank)  # per-rank randomness from here on
+    components.seed_everything(config.seed + rank)  # per-rank randomness from here on
     skipped = set(state.get("skipped_records") or []) if state is not None else set()
     dataset = components.build_pretraining_dataset(**components.config_kwargs(
         config, components.build_pretraining_dataset, ssl_method=method, records=records))

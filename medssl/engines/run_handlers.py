@@ -11,7 +11,10 @@ same ones:
   (tags ``train/loss``, ``train/lr``, ...; ``knn/balanced_accuracy`` through :meth:`RunLogs.knn_sink`) and a
   progress bar; rank 0 only.
 - :class:`BackboneWriter`: ``RUN_DIR/backbone.safetensors`` (backbone, SSL heads, input normalisation and the
-  provenance of the run) when the run reaches its last step; rank 0 only.
+  provenance of the run) when the run reaches its last step, optionally with a MONAI ``model.pt``; rank 0 only.
+- :class:`KnnCheck` and :class:`CollapseGuard`: the kNN monitor and the collapse monitor as handlers.
+- :class:`~medssl.engines.run_folder.RunFolder` (its own module): lock, resume verification, ``config.json`` and
+  the run record of a config-driven run (a bundle's ``train.yaml``); it attaches :class:`RunCheckpointer`.
 """
 
 from __future__ import annotations
@@ -95,16 +98,19 @@ class RunLogs:
         metrics: the run's :class:`~medssl.engines.handlers.MetricsJsonl` (None: a new one on RUN_DIR).
         log_every: steps between lines (``PretrainConfig.log_every``).
         progress: show a tqdm progress bar.
+        tensorboard: write ``RUN_DIR/tb`` (off where another handler does, e.g. MONAI's
+            ``TensorBoardStatsHandler`` in a bundle).
     """
 
     def __init__(self, run_dir: str | Path, *, metrics: Any = None, log_every: int = PretrainConfig.log_every,
-                 progress: bool = True) -> None:
+                 progress: bool = True, tensorboard: bool = True) -> None:
         from medssl.engines.handlers import MetricsJsonl
 
         self.run_dir = Path(run_dir)
         self.metrics = metrics if metrics is not None else MetricsJsonl(self.run_dir / "metrics.jsonl")
         self.log_every = int(log_every)
         self.progress = bool(progress)
+        self.tensorboard = bool(tensorboard)
         self.tb: Any = None
 
     def knn_sink(self, record: dict[str, Any]) -> None:
@@ -117,25 +123,38 @@ class RunLogs:
             return
         from medssl.engines.handlers import attach_iteration_logging, attach_progress_bar, attach_tensorboard
 
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         attach_iteration_logging(engine, self.metrics, every=self.log_every)
-        self.tb = attach_tensorboard(engine, self.run_dir / "tb", every=self.log_every)
+        if self.tensorboard:
+            self.tb = attach_tensorboard(engine, self.run_dir / "tb", every=self.log_every)
+            engine.add_event_handler(Events.COMPLETED, lambda _: self.tb.close())
         if self.progress:
             attach_progress_bar(engine)
-        engine.add_event_handler(Events.COMPLETED, lambda _: self.tb.close())
 
 
 class BackboneWriter:
     """``RUN_DIR/backbone.safetensors`` at the end of a finished run (rank 0): a medssl file with the backbone,
     the SSL heads, the input normalisation ``spec`` and the provenance (init ``source``, preparation
-    ``reports``, the pretraining settings of ``config``)."""
+    ``reports``, the pretraining settings of ``config``).
+
+    Args:
+        out_dir: folder of ``backbone.safetensors`` (None = ``run_dir``; a bundle's ``models/``).
+        model_file: also write this file: ``{"model": FeatureExtractor state_dict}`` (keys
+            ``normalization.mean``, ``normalization.std``, ``backbone.<name>``) of the written medssl file
+            (:func:`medssl.weights.export.load_feature_extractor`), what MONAI's ``CheckpointLoader(load_dict=
+            {"model": net})`` and ``ckpt_export --key_in_ckpt model`` read. None = not written.
+    """
 
     def __init__(self, run_dir: str | Path, config: PretrainConfig, *, spec: dict[str, Any],
-                 reports: list[dict[str, Any]], source: dict[str, Any]) -> None:
+                 reports: list[dict[str, Any]], source: dict[str, Any], out_dir: str | Path | None = None,
+                 model_file: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.config = config
         self.spec, self.reports, self.source = spec, reports, source
+        self.out_dir = Path(out_dir) if out_dir is not None else self.run_dir
+        self.model_file = Path(model_file) if model_file is not None else None
 
-    def write(self, method: nn.Module, iteration: int) -> Path:
+    def write(self, method: nn.Module, iteration: int, method_schedule: dict[str, Any] | None = None) -> Path:
         from medssl.methods import HEAD_NAMES
         from medssl.weights import save_medssl_file
         from medssl.weights.prepare import has_batchnorm_statistics, preparation_summary
@@ -154,15 +173,22 @@ class BackboneWriter:
             "pretraining": {"method": cfg.method, "iterations": iteration, "epochs": cfg.epochs,
                             "batch_size": cfg.batch_size, "image_size": cfg.image_size, "lr": cfg.lr,
                             "optimizer": cfg.optimizer, "seed": cfg.seed, "modality": cfg.modality,
-                            "data": Path(cfg.data).name, "method_schedule": cfg.method_schedule},
+                            "data": Path(cfg.data).name,
+                            "method_schedule": cfg.method_schedule or method_schedule},
         }
         if self.reports:
             provenance["preparation"] = preparation_summary(self.reports)
         if has_batchnorm_statistics(backbone):
             provenance["bn_statistics"] = "trained"  # running statistics of the SSL training batches
-        path = self.run_dir / "backbone.safetensors"
+        path = self.out_dir / "backbone.safetensors"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         save_medssl_file(path, plain(backbone), arch=backbone.arch, arch_kwargs=backbone.arch_kwargs, heads=heads,
                          input_normalization=self.spec, provenance=provenance)
+        if self.model_file is not None:
+            from medssl.io import atomic_torch_save
+            from medssl.weights.export import load_feature_extractor
+
+            atomic_torch_save(self.model_file, {"model": plain(load_feature_extractor(path))})
         return path
 
     def attach(self, engine: Engine) -> None:
@@ -171,5 +197,57 @@ class BackboneWriter:
 
         def _done(eng: Any) -> None:
             if eng.state.iteration >= eng.max_iterations:
-                self.write(eng.method, eng.state.iteration)
+                self.write(eng.method, eng.state.iteration, getattr(eng, "method_schedule", None))
         engine.add_event_handler(Events.COMPLETED, _done)
+
+
+class KnnCheck:
+    """The kNN monitor as a handler (rank 0 only): every ``config.knn_every`` epochs and at the end of the run,
+    the weighted-kNN balanced accuracy (Wu et al. 2018 vote, ``knn_k`` neighbours, temperature
+    ``knn_temperature``; :class:`~medssl.engines.handlers.KnnMonitor`) of the trained backbone's features
+    (``engine.method.backbone`` after ``engine.normalization``) on the labelled images of ``records`` (or of
+    ``config.knn_data``), read once per invocation (:func:`medssl.engines.loaders.build_knn_images`).
+    Results go to ``metrics.jsonl`` and TensorBoard through ``logs``. Off with ``knn_every`` 0, or with fewer
+    than two labelled classes / five labelled images (a warning)."""
+
+    def __init__(self, config: PretrainConfig, records: list[dict[str, Any]], *, logs: RunLogs | None = None) -> None:
+        self.config = config
+        self.records = records
+        self.logs = logs
+
+    def attach(self, engine: Any) -> None:
+        from medssl.engines.handlers import KnnMonitor, attach_knn_monitor
+        from medssl.engines.loaders import build_knn_images
+
+        cfg = self.config
+        if cfg.knn_every <= 0 or idist.get_rank() != 0:
+            return
+        knn = build_knn_images(cfg, self.records)
+        if knn is None:
+            return
+        ref, qry, num_classes = knn
+        monitor = KnnMonitor(engine.method.backbone, engine.normalization, ref, qry, num_classes=num_classes,
+                             device=engine.state.device, k=cfg.knn_k, temperature=cfg.knn_temperature,
+                             channels_last=cfg.channels_last, batch_size=max(cfg.batch_size, 64))
+        sinks = [self.logs.metrics.write, self.logs.knn_sink] if self.logs is not None else []
+        attach_knn_monitor(engine, monitor, every_epochs=cfg.knn_every, max_iterations=engine.max_iterations,
+                           sinks=sinks)
+
+
+class CollapseGuard:
+    """The collapse monitor as a handler: gives the trainer a :class:`~medssl.engines.handlers.CollapseMonitor`
+    (mean per-dimension std of the L2-normalised embeddings; a warning, and a ``metrics.jsonl`` line through
+    ``logs`` on rank 0, below ``threshold / sqrt(D)``; default 0.2, ``PretrainConfig.collapse_threshold``).
+    The non-finite loss guard is part of every step and names the newest checkpoint
+    (:class:`~medssl.engines.run_folder.RunFolder`)."""
+
+    def __init__(self, threshold: float = PretrainConfig.collapse_threshold, *, logs: RunLogs | None = None) -> None:
+        self.threshold = float(threshold)
+        self.logs = logs
+
+    def attach(self, engine: Any) -> None:
+        from medssl.engines.handlers import CollapseMonitor
+
+        sink = self.logs.metrics.write if self.logs is not None and idist.get_rank() == 0 else None
+        engine.collapse_monitor = CollapseMonitor(self.threshold, sink=sink)
+

@@ -279,11 +279,20 @@ def prepare_norm(loaded: LoadedBackbone, *, norm: str = "keep", recalibrate: boo
         raise MedsslError(f"--recalibrate-bn: {what} has no BatchNorm layers")
     if state == "uncalibrated" and not recalibrate:
         if protocol != "finetune":
-            raise MedsslError(f"{what} has uncalibrated BatchNorm statistics (converted GroupNorm -> BatchNorm "
-                              "without --recalibrate): give --recalibrate-bn to estimate them on the train images")
+            raise MedsslError(f"{what} has uncalibrated BatchNorm statistics ({_uncalibrated_cause(loaded)} without "
+                              "--recalibrate): give --recalibrate-bn to estimate them on the train images")
         record["note"] = "uncalibrated BatchNorm statistics: fine-tuning estimates them during training"
     record["recalibrate"] = bool(recalibrate)
     return record
+
+
+def _uncalibrated_cause(loaded: LoadedBackbone) -> str:
+    """What left a file's BatchNorm statistics uncalibrated, from its provenance operations (for error messages)."""
+    ops = {op.get("operation"): op for op in loaded.provenance.get("operations") or [] if isinstance(op, dict)}
+    causes = ["GroupNorm -> BatchNorm conversion"] if "gn_to_bn" in ops else []
+    if "dead_filter_repair" in ops:
+        causes.append(f"{ops['dead_filter_repair'].get('mode', '')} dead-filter repair".strip())
+    return " and ".join(causes) or "GroupNorm -> BatchNorm conversion or random dead-filter repair"
 
 
 def recalibrate_backbone(loaded: LoadedBackbone, records: Sequence[Mapping[str, Any]], transform: Any, *,

@@ -69,7 +69,7 @@ def write_image_folder(root: Path, *, height: int, width: int, seed: int, per_cl
 
     rng = np.random.default_rng(seed)
     for label in ("a", "b"):
-        (root / label).mkdir()
+        (root / label).mkdir(parents=True)
         for i in range(per_class):
             image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
             imsave(root / label / f"{i}.png", image, check_contrast=False)

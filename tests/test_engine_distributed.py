@@ -9,11 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from skimage.io import imsave
 
 from medssl.engines.checkpoint import list_checkpoints, load_checkpoint_file
+from tests.conftest import write_image_folder
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
@@ -41,12 +40,7 @@ def _torchrun(script: Path, *args: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path):
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (data / label).mkdir(parents=True)
-        for i in range(8):
-            imsave(data / label / f"{i}.png", (rng.random((20, 20, 3)) * 255).astype(np.uint8), check_contrast=False)
+    data = write_image_folder(tmp_path / "images", height=20, width=20, seed=0)
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     _torchrun(script, str(data), str(tmp_path / "a"), "straight")

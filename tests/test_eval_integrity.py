@@ -18,6 +18,7 @@ from torch import nn
 from medssl.errors import MedsslError
 from medssl.evaluation.run import run_evaluation
 from medssl.models import build_backbone
+from tests.test_weights_norm import _bit as narrow_bit
 
 CLASSES = ("a", "b", "c")
 REPO = Path(__file__).resolve().parents[1]
@@ -92,14 +93,7 @@ def test_evaluate_inherits_image_size_and_preset_from_the_pretraining_run(tmp_pa
 def _bit_file(path: Path, *, norm: str = "gn", provenance: dict | None = None) -> Path:
     from medssl.weights import save_medssl_file
 
-    torch.manual_seed(0)
-    model = build_backbone("resnetv2_50x1", widen_factor=0.125, small_stem=True, norm=norm)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.GroupNorm):
-                m.weight.copy_(0.5 + torch.rand(m.num_channels, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.num_channels, generator=gen))
+    model = narrow_bit(norm=norm)
     save_medssl_file(path, {k: v.detach().clone() for k, v in model.state_dict().items()}, arch=model.arch,
                      arch_kwargs=model.arch_kwargs, input_normalization={"mean": [0.5] * 3, "std": [0.5] * 3},
                      provenance=provenance or {})

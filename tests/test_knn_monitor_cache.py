@@ -25,6 +25,7 @@ from medssl.engines.config import PretrainConfig
 from medssl.engines.handlers import label_index, split_reference_query
 from medssl.engines.knn import LabelledImages, dequantize_unit
 from medssl.engines.run import run_pretraining
+from tests.conftest import write_image_folder
 
 
 def _busi_subset(shared: Path, dest: Path, per_class: dict[str, int], skip: int = 0) -> Path:
@@ -157,16 +158,10 @@ SCRIPT = textwrap.dedent("""
 def test_two_process_run_checks_on_rank_zero_only(tmp_path):
     """Under torchrun (2 gloo ranks) the monitor runs on rank 0 alone, the run does not stall at the other
     rank's next collective, and each check equals the float/naive-vote reference on rank 0's weights."""
-    from skimage.io import imsave
 
     from medssl.data.sources import records_from_path
 
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        (data / label).mkdir(parents=True)
-        for i in range(8):
-            imsave(data / label / f"{i}.png", (rng.random((20, 20, 3)) * 255).astype(np.uint8), check_contrast=False)
+    data = write_image_folder(tmp_path / "images", height=20, width=20, seed=0)
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),

@@ -161,18 +161,14 @@ def cached_features(
     transform: Callable[[Mapping[str, Any]], Mapping[str, Any]],
     *,
     cache_dir: str | Path | None,
-    model_hash: str,
-    manifest_hash: str,
-    transform_desc: str,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    num_workers: int = 0,
-    desc: str = "features",
+    **options: Any,
 ) -> np.ndarray:
-    """Features (N, D) of ``records`` in order, from memory, from ``cache_dir`` or computed (then stored)."""
-    entry = load_or_compute_features(model, records, transform, cache_dir=cache_dir, model_hash=model_hash,
-                                     manifest_hash=manifest_hash, transform_desc=transform_desc,
-                                     batch_size=batch_size, device=device, num_workers=num_workers, desc=desc)
+    """Features (N, D) of ``records`` in order, from memory, from ``cache_dir`` or computed (then stored).
+
+    ``options``: the keyword arguments of :func:`load_or_compute_features` (``model_hash``, ``manifest_hash``,
+    ``transform_desc``, ``batch_size``, ``device``, ``num_workers``, ``desc``).
+    """
+    entry = load_or_compute_features(model, records, transform, cache_dir=cache_dir, **options)
     store_features(entry, cache_dir)
     return entry.feats
 

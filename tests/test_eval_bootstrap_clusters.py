@@ -18,6 +18,7 @@ from medssl.evaluation.bootstrap import (
     cluster_weights,
     format_p_value,
     holm_adjust,
+    interval_description,
     make_clusters,
     paired_bootstrap,
     trial_expansion,
@@ -302,3 +303,14 @@ def test_evaluate_writes_patient_ids_and_the_interval_unit(tmp_path):
     assert block["summary"]["balanced_accuracy"]["ci_high"] == pytest.approx(ci["balanced_accuracy"]["high"])
     report = (out / "report.md").read_text()
     assert "CI unit: patient_id" in report and "| test clusters (patient_id) |" in report
+
+
+def test_interval_over_too_few_clusters_of_a_class_is_flagged():
+    """A class whose test images come from one patient has no sampling variation in the stratified bootstrap:
+    the interval description carries a warning (and none when every class has enough patients)."""
+    y = np.array([0] * 20 + [1] * 6)
+    one_patient = make_clusters(y, [f"p{i}" for i in range(20)] + ["q"] * 6, unit="patient_id")
+    flagged = interval_description(one_patient, n_trials=3, n_resamples=1000)
+    assert flagged["warning"] is not None and "class 1: 1" in flagged["warning"]
+    many = make_clusters(y, [f"p{i}" for i in range(26)], unit="patient_id")
+    assert interval_description(many, n_trials=3, n_resamples=1000)["warning"] is None

@@ -249,6 +249,11 @@ def bootstrap_ci(
             for m, v in dist.items()}
 
 
+#: below this many clusters of one class in the test split an interval is flagged (the stratified bootstrap
+#: can only redraw those few clusters); the same threshold as the per-class image count of the split checks
+MIN_CLUSTERS_PER_CLASS = 5
+
+
 def interval_description(clusters: Clusters, n_trials: int, n_resamples: int, level: float = 0.95) -> dict:
     """What an interval of :func:`bootstrap_ci` covers, for results.json and report headers."""
     noun = {"lesion_id": "lesions", "patient_id": "patients"}.get(clusters.unit, "images")
@@ -256,8 +261,18 @@ def interval_description(clusters: Clusters, n_trials: int, n_resamples: int, le
     covers += (f" and label-subset variation ({n_trials} trials resampled, trial-stage factor "
                f"{trial_expansion(n_trials, level):.2f})" if n_trials > 1 else
                "; one trial: label-subset variation is not covered")
+    per_class = np.bincount(clusters.stratum)
+    thin = [int(c) for c in np.flatnonzero((per_class > 0) & (per_class < MIN_CLUSTERS_PER_CLASS))]
+    warning = None
+    if thin:
+        # a stratum of k clusters can only be redrawn from those k: with k = 1 it contributes no sampling
+        # variation at all, and with a few the percentile interval is far too narrow
+        counts = ", ".join(f"class {c}: {per_class[c]}" for c in thin)
+        warning = (f"fewer than {MIN_CLUSTERS_PER_CLASS} {noun} in some classes ({counts}): the interval "
+                   "understates the uncertainty of those classes; do not report it as a 95% CI")
     return {"unit": clusters.unit, "n_clusters": clusters.n_clusters, "n_images": int(len(clusters.index)),
-            "n_trials": int(n_trials), "n_resamples": int(n_resamples), "level": level, "covers": covers}
+            "n_trials": int(n_trials), "n_resamples": int(n_resamples), "level": level, "covers": covers,
+            "warning": warning}
 
 
 def paired_bootstrap(

@@ -128,6 +128,7 @@ def eval_report_markdown(ev: Evaluation) -> str:
                      + " | ".join(f"{_cell(s, m)} | {_ci(s, m)}" for m in HEADLINE)
                      + f" | {_cell(s, 'macro_auroc')} | {b['interval']['n_clusters']} |")
     lines += [""] + [f"95% CI, {fraction_label(b['fraction'])} labels: covers {b['interval']['covers']}."
+                     + (f" **Warning: {b['interval']['warning']}.**" if b["interval"].get("warning") else "")
                      for b in ev.summary]
     lines += ["", "## Every trial", "",
               "| label fraction | trial | balanced accuracy | macro F1 | accuracy | macro AUROC |",
@@ -318,7 +319,7 @@ def compare_evaluations(
                 "fraction": b["fraction"], "trials": len(b["trials"]), "test_images": b["n_test"],
                 **{f"{m}_{k}": s[m][k] for m in HEADLINE for k in ("mean", "std", "ci_low", "ci_high")},
                 "ci_unit": b["interval"]["unit"], "ci_clusters": b["interval"]["n_clusters"],
-                "ci_covers": b["interval"]["covers"]})
+                "ci_covers": b["interval"]["covers"], "ci_warning": b["interval"].get("warning") or ""})
     header = "| initialisation | " + " | ".join(f"{d} {fraction_label(f)} ({_column_unit(cells, d, f)})"
                                                for d, f in columns) + " |"
     table = [header, "|---|" + "---|" * len(columns)]
@@ -326,9 +327,13 @@ def compare_evaluations(
         row = []
         for d, f in columns:
             b = cells.get((name, d, f))
+            flag = " (!)" if b is not None and b["interval"].get("warning") else ""
             row.append("—" if b is None else f"{_cell(b['summary'], 'balanced_accuracy')} "
-                       f"{_ci(b['summary'], 'balanced_accuracy')}")
+                       f"{_ci(b['summary'], 'balanced_accuracy')}{flag}")
         table.append(f"| {name} | " + " | ".join(row) + " |")
+    warnings = dict.fromkeys(f"(!) {name}, {d} {fraction_label(f)}: {b['interval']['warning']}."
+                             for (name, d, f), b in cells.items() if b["interval"].get("warning"))
+    table += [""] + list(warnings) if warnings else []
     paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed, cluster_by=cluster_by)
     comparison_md = "\n".join(table) + "\n"
     atomic_write_text(out / "comparison.md", comparison_md)

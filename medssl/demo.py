@@ -12,14 +12,19 @@ Stages (as in Ciga et al., *Resource and data efficient self supervised learning
 6. the comparison report (table, paired comparisons, confusion matrices, t-SNE, pretraining curves) with a
    notice saying whether the data is synthetic.
 
+Stages 2-6 are a study (:mod:`medssl.study`, the ``medssl study`` machinery): :func:`demo_study` writes the
+study's settings, and a rerun into the same folder skips what is complete (a killed demo continues where it
+stopped; changed settings, e.g. ``--quick``, rerun what they change).
+
 Output folder: ``data/`` (synthetic only), ``runs/{first_stage,p1x,p2x}/`` (pretraining runs),
-``eval/{random,first_stage,p1x,p2x}/`` (evaluations), ``report/`` (comparison) and ``report.md`` +
-``demo.json`` at the top (the report with the demo's settings, timings and data notice).
+``eval/{random,first_stage,p1x,p2x}/`` (evaluations), ``report/`` (comparison), ``study.json`` (the stages) and
+``report.md`` + ``demo.json`` at the top (the report with the demo's settings, timings and data notice).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -89,43 +94,33 @@ def _stage(number: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
-def _pretrain(name: str, data: Path, out: Path, settings: DemoSettings, modality: str, *, init: str = "random",
-              second_stage: bool = False, progress: bool = True, seed: int = 0) -> Path:
-    """One SSL run (SimCLR) with the demo's tiny network; returns RUN_DIR."""
+def demo_study(target: Path, source: Path, out: Path, settings: DemoSettings, modality: str,
+               seed: int = 0) -> dict[str, Any]:
+    """The demo as a study file's content (:func:`medssl.study.study_config_from_dict`): SimCLR with the demo's
+    tiny network; first stage on ``source``; Random / first stage / P1X / P2X (Frobenius scaling + dead-filter
+    copy, Ciga et al.) evaluated with the linear probe. The kNN monitor runs ``knn_checks`` times per
+    second-stage run (every ``epochs // knn_checks`` epochs)."""
     from medssl.data.sources import records_from_path
     from medssl.engines.components import select_pretraining_records
-    from medssl.engines.config import PretrainConfig
-    from medssl.engines.run import run_pretraining
 
-    iterations = settings.second_stage_iterations if second_stage else settings.first_stage_iterations
-    n_images = len(select_pretraining_records(records_from_path(data)))
-    steps_per_epoch = max(n_images // settings.batch_size, 1)
-    epochs = -(-iterations // steps_per_epoch)
-    knn_every = 0 if not (second_stage and settings.knn_checks) else max(epochs // settings.knn_checks, 1)
-    from_checkpoint = init != "random"
-    config = PretrainConfig(
-        data=str(data), out=str(out), method="simclr", init=init,
-        arch=None if from_checkpoint else settings.arch, scale_frobenius=from_checkpoint,
-        dead_filters="copy" if from_checkpoint else "none", small_stem=settings.small_stem,
-        widen_factor=settings.widen_factor, method_options=dict(settings.method_options), modality=modality,
-        image_size=settings.image_size, iterations=iterations, batch_size=settings.batch_size,
-        optimizer=settings.optimizer, lr=settings.lr,
-        workers=settings.workers, seed=seed, device="cpu", knn_every=knn_every, checkpoint_every_epochs=0,
-        keep_checkpoints=1)
-    logger.info("%s: %d images, %d SimCLR steps of batch %d, %s", name, n_images, iterations, settings.batch_size,
-                "from " + Path(init).parent.name + " with Frobenius scaling + dead-filter copy" if from_checkpoint
-                else "from random init")
-    return run_pretraining(config, overwrite=True, progress=progress)
-
-
-def _evaluate(name: str, data: Path, out: Path, backbone: str, settings: DemoSettings, modality: str) -> Path:
-    from medssl.evaluation.components import evaluate_backbone
-
-    return evaluate_backbone(data, out, backbone=backbone, arch=settings.arch if backbone == "random" else None,
-                             small_stem=settings.small_stem, widen_factor=settings.widen_factor,
-                             fractions=settings.fractions, protocol="linear", trials=settings.trials,
-                             modality=modality, image_size=settings.image_size, epochs=settings.eval_epochs,
-                             name=name, device="cpu")
+    n_images = len(select_pretraining_records(records_from_path(target)))
+    epochs = -(-settings.second_stage_iterations // max(n_images // settings.batch_size, 1))
+    knn_every = max(epochs // settings.knn_checks, 1) if settings.knn_checks else 0
+    return {
+        "data": str(target), "out": str(out), "modality": modality, "seed": seed, "device": "cpu",
+        "network": {"arch": settings.arch, "widen_factor": settings.widen_factor, "small_stem": settings.small_stem},
+        "methods": {"simclr": {"method_options": dict(settings.method_options)}},
+        "pretrain": {"iterations": settings.second_stage_iterations, "batch_size": settings.batch_size,
+                     "image_size": settings.image_size, "optimizer": settings.optimizer, "lr": settings.lr,
+                     "workers": settings.workers, "knn_every": knn_every, "checkpoint_every_epochs": 0,
+                     "keep_checkpoints": 1},
+        "first_stage": {"data": str(source), "modality": modality,
+                        "iterations": settings.first_stage_iterations, "knn_every": 0},
+        "initialisations": ["random", "first_stage", "p1x", {"kind": "p2x", "from": "first_stage"}],
+        # the demo's table keeps its four rows; `medssl study` adds the raw-pixel sanity row by default
+        "evaluation": {"protocols": ["linear"], "fractions": list(settings.fractions), "trials": settings.trials,
+                       "epochs": settings.eval_epochs, "image_size": settings.image_size, "baselines": False},
+    }
 
 
 def _header(settings: DemoSettings, synthetic: bool, data: Path, timings: dict[str, float]) -> str:
@@ -166,7 +161,8 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, data: str | os
     """Run the demo into ``out`` and return the path of ``out/report.md``.
 
     Args:
-        out: output folder (created; existing demo outputs in it are replaced).
+        out: output folder (created; a demo already there is continued: stages complete with the same
+            settings are kept, the others rerun).
         quick: the :data:`QUICK` settings (smoke test) instead of :data:`FULL`.
         data: a labelled manifest or folder to use as target instead of the synthetic target dataset.
         modality: transform preset; default ``ultrasound`` for the synthetic data, ``generic`` for ``data``.
@@ -192,13 +188,14 @@ def run_demo(out: str | os.PathLike[str], *, quick: bool = False, data: str | os
 def _run_demo(out: Path, settings: DemoSettings, data: str | os.PathLike[str] | None, modality: str | None,
               progress: bool, seed: int) -> Path:
     from medssl.data.synthetic import write_synthetic_dataset
-    from medssl.evaluation.report import compare_evaluations
+    from medssl.study import run_study, study_config_from_dict
+    from medssl.study.runner import MARKER
 
     synthetic = data is None
     if not synthetic and not Path(data).exists():
         raise MedsslError("demo data not found", data)
     modality = modality or ("ultrasound" if synthetic else "generic")
-    total, timings = 6, {}
+    total = 3
     started = time.perf_counter()
     t = _stage(1, total, "writing the synthetic datasets" if synthetic else "writing the synthetic source domain")
     source = write_synthetic_dataset(out / "data" / "source", per_class=settings.source_per_class,
@@ -208,41 +205,36 @@ def _run_demo(out: Path, settings: DemoSettings, data: str | os.PathLike[str] | 
                                          size=settings.stored_size, domain="target", seed=seed)
     else:
         target = Path(data)
-    timings["data"] = time.perf_counter() - t
-    runs = out / "runs"
-    t = _stage(2, total, "first stage: SimCLR from random init on the source domain (stand-in for ImageNet)")
-    first = _pretrain("first stage", source, runs / "first_stage", settings, modality, progress=progress, seed=seed)
-    timings["first stage"] = time.perf_counter() - t
-    t = _stage(3, total, "P1X: SimCLR on the target from random init")
-    p1x = _pretrain("P1X", target, runs / "p1x", settings, modality, second_stage=True, progress=progress, seed=seed)
-    timings["P1X"] = time.perf_counter() - t
-    t = _stage(4, total, "P2X: SimCLR on the target from the first stage (Frobenius scaling, dead-filter copy)")
-    p2x = _pretrain("P2X", target, runs / "p2x", settings, modality, init=str(first / "backbone.safetensors"),
-                    second_stage=True, progress=progress, seed=seed)
-    timings["P2X"] = time.perf_counter() - t
-    t = _stage(5, total, "linear-probe evaluation of Random, first stage, P1X and P2X")
-    evals = []
-    for name, folder, backbone in (("Random", "random", "random"),
-                                   ("First stage", "first_stage", str(first / "backbone.safetensors")),
-                                   ("P1X", "p1x", str(p1x / "backbone.safetensors")),
-                                   ("P2X", "p2x", str(p2x / "backbone.safetensors"))):
-        logger.info("evaluating %s", name)
-        evals.append(_evaluate(name, target, out / "eval" / folder, backbone, settings, modality))
-    timings["evaluation"] = time.perf_counter() - t
-    t = _stage(6, total, "comparison report")
-    comparison = compare_evaluations(evals, out / "report", pretrain_runs=[first, p1x, p2x], seed=seed)
-    timings["report"] = time.perf_counter() - t
+    data_seconds = time.perf_counter() - t
+    _stage(2, total, "the study: first stage (SimCLR on the synthetic source domain, a stand-in for ImageNet), "
+           "P1X and P2X on the target, linear-probe evaluations, comparison report")
+    config = study_config_from_dict(  # absolute paths: a study file's relative paths start at its folder
+        demo_study(target.resolve(), source.resolve(), out.resolve(), settings, modality, seed),
+        out.resolve() / "demo_study.yaml")
+    run_study(config, progress=progress)  # writes study.json; report.md is replaced by the demo's below
+    _stage(3, total, "demo report")
+
+    def seconds(*folders: str) -> float:
+        return sum(json.loads((out / f / MARKER).read_text(encoding="utf-8")).get("seconds", 0.0) for f in folders)
+
+    timings = {"data": data_seconds, "first stage": seconds("runs/first_stage"), "P1X": seconds("runs/p1x"),
+               "P2X": seconds("runs/p2x"),
+               "evaluation": seconds(*(f"eval/{n}" for n in ("random", "first_stage", "p1x", "p2x"))),
+               "report": seconds("report")}
     timings["total"] = time.perf_counter() - started
+    comparison_path = out / "report" / "report.md"
+    comparison = comparison_path.read_text(encoding="utf-8")
+    if comparison.startswith(SYNTHETIC_NOTICE):  # a rerun of a complete demo: the notice is there already
+        comparison = comparison[len(SYNTHETIC_NOTICE):].lstrip("\n")
     report = out / "report.md"
-    atomic_write_text(report, _header(settings, synthetic, target, timings)
-                      + _relink_plots(comparison.read_text(encoding="utf-8")))
+    atomic_write_text(report, _header(settings, synthetic, target, timings) + _relink_plots(comparison))
     if synthetic:
-        atomic_write_text(out / "report" / "report.md",
-                          SYNTHETIC_NOTICE + "\n\n" + comparison.read_text(encoding="utf-8"))
+        atomic_write_text(comparison_path, SYNTHETIC_NOTICE + "\n\n" + comparison)
+    evals = [out / "eval" / n for n in ("random", "first_stage", "p1x", "p2x")]
     atomic_write_json(out / "demo.json", {
         "synthetic_data": synthetic, "settings": dataclasses.asdict(settings), "modality": modality,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "evaluations": [str(e.relative_to(out)) if e.is_relative_to(out) else str(e) for e in evals],
+        "evaluations": [str(e.relative_to(out)) for e in evals], "study": "study.json",
         "report": "report.md"})
     logger.info("demo finished in %.0f s: %s", timings["total"], report)
     return report

@@ -46,15 +46,16 @@ PAPER_OPTIM = {
     "simsiam": {"optimizer": "sgd", "lr_per_256": 0.05, "weight_decay": 1e-4, "warmup_epochs": 0.0},
 }
 
-#: each method's published heads and loss settings (the small-batch values where the papers give them)
+#: each method's published heads (``paper_heads``: not scaled to the backbone) and loss settings (the
+#: small-batch values where the papers give them)
 PAPER_METHOD = {
-    "simclr": {"projector_hidden_dim": 2048, "projector_out_dim": 128, "temperature": 0.5},
-    "swav": {"projector_hidden_dim": 2048, "projector_out_dim": 128, "num_prototypes": 3000, "temperature": 0.1,
-             "sinkhorn_eps": 0.05, "sinkhorn_iterations": 3, "num_local_crops": 6,
+    "simclr": {"paper_heads": True, "projector_hidden_dim": 2048, "projector_out_dim": 128, "temperature": 0.5},
+    "swav": {"paper_heads": True, "projector_hidden_dim": 2048, "projector_out_dim": 128, "num_prototypes": 3000,
+             "temperature": 0.1, "sinkhorn_eps": 0.05, "sinkhorn_iterations": 3, "num_local_crops": 6,
              "freeze_prototypes_epochs": 1, "epoch_queue_starts": 15},
-    "byol": {"projector_hidden_dim": 4096, "projector_out_dim": 256, "predictor_hidden_dim": 4096,
+    "byol": {"paper_heads": True, "projector_hidden_dim": 4096, "projector_out_dim": 256, "predictor_hidden_dim": 4096,
              "base_tau": 0.996, "final_tau": 1.0},
-    "simsiam": {"projector_hidden_dim": 2048, "projector_out_dim": 2048, "projector_layers": 3,
+    "simsiam": {"paper_heads": True, "projector_hidden_dim": 2048, "projector_out_dim": 2048, "projector_layers": 3,
                 "predictor_hidden_dim": 512, "predictor_fixed_lr": True},
 }
 

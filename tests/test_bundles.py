@@ -21,6 +21,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+import medssl
 from medssl.bundles import MODALITIES, bundle_path, init_bundle
 
 TINY = {"arch": "resnet18", "small_stem": True, "widen_factor": 0.25, "image_size": 32}
@@ -157,7 +158,7 @@ def test_properties_metadata_and_network_io(modality: str, data: dict[str, Path]
                       config_file=str(bundle / "configs" / "inference.yaml"), device="cpu")
     meta = json.loads(meta_file.read_text())
     assert set(meta["network_data_format"]["outputs"]) == {"pred"} and meta["optional_packages_version"] == {}
-    assert meta["required_packages_version"] == {"medssl": "0.1.0"}
+    assert meta["required_packages_version"] == {"medssl": medssl.__version__}
     # offline: the schema copy inside the bundle (no download); the same schema rejects a broken file
     verify_metadata(meta_file=str(meta_file), filepath=str(bundle / "configs" / "meta_schema.json"))
     broken = copy.deepcopy(meta)
@@ -527,3 +528,70 @@ def test_second_bundle_run_on_a_locked_folder_fails_naming_the_holder(data: dict
     assert not (bundle / "models").exists()
     _run(bundle, ("train",), **overrides)  # once the holder is gone the folder is free
     assert (bundle / "models" / "model.pt").is_file()
+
+
+def test_trainer_counts_epochs_of_the_schedule_and_iterations_stop_mid_epoch(data: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """8 images at batch 4 are 2 steps per epoch; ``iterations: 3`` ends in the middle of epoch 2. What MONAI's
+    StatsHandler prints as ``Epoch: e/E`` (``state.epoch`` / ``state.max_epochs``) reads e/2 at every step
+    (ceil(3 / 2) epochs, not ``None``), and the run still stops after step 3 (Ignite's max_iters)."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy("ultrasound", tmp_path)
+    overrides = {**_train_overrides("ultrasound", data["ultrasound"]), "iterations": 3, "knn_every": 0}
+    train = ConfigWorkflow(config_file=str(bundle / "configs" / "train.yaml"), workflow_type="train",
+                           meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle),
+                           **overrides)
+    train.initialize()
+    seen: list[tuple[int, int | None, int]] = []
+    trainer = train.trainer
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: seen.append((e.state.epoch, e.state.max_epochs, e.state.iteration)))
+    train.run()
+    train.finalize()
+    assert seen == [(1, 2, 1), (1, 2, 2), (2, 2, 3)]
+    metrics = (bundle / "runs" / "pretrain_simclr" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in metrics if "loss" in json.loads(x)] == [1, 2, 3]
+
+
+def _knn_check(bundle: Path, overrides: dict) -> object:
+    """The bundle's KnnCheck handler of train#handlers, parsed with ``overrides``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.yaml"))
+    parser.update({"bundle_root": str(bundle), **overrides})
+    handlers = parser.get("train#handlers")
+    index = next(i for i, h in enumerate(handlers) if str(h.get("_target_", "")).endswith("KnnCheck"))
+    return parser.get_parsed_content(f"train#handlers#{index}")
+
+
+def test_knn_monitor_reads_its_images_through_validate_preprocessing(data: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle's kNN monitor reads its labelled images through validate#preprocessing: each image it holds is
+    that pipeline's output for the record (quantised to uint8), and overriding a parameter of the pipeline
+    (force_gray on the RGB histology tiles) changes the monitor's images (one channel instead of three)."""
+    from medssl.engines.handlers import split_reference_query
+    from medssl.engines.knn import quantize_unit
+    from medssl.engines.loaders import build_knn_images
+
+    bundle = _copy("histology", tmp_path)
+    overrides = {**_train_overrides("histology", data["histology"]), "knn_every": 1}
+    images = {}
+    for gray in (False, True):
+        check = _knn_check(bundle, {**overrides, "validate#preprocessing#transforms#1#force_gray": gray})
+        ref, _, _ = build_knn_images(check.config, check.records, check.transform)
+        first = split_reference_query([r for r in check.records if r.get("label") is not None],
+                                      check.config.seed)[0][0]
+        expected = quantize_unit(torch.as_tensor(check.transform(dict(first))["image"]))
+        images[gray] = ref.tensors()[0]
+        assert torch.equal(images[gray][0].expand_as(expected), expected)
+    assert images[False].shape[1] == 3 and images[True].shape[1] == 1
+    assert not torch.equal(images[False][:, :1], images[True])
+    # the handler hands its transform to the image reader
+    seen: list[object] = []
+    monkeypatch.setattr("medssl.engines.loaders.build_knn_images",
+                        lambda config, records, transform=None: seen.append(transform))
+    check.attach(object())
+    assert seen == [check.transform]

@@ -243,3 +243,33 @@ def test_cli_and_shipped_bundle_build_identical_components(folder, tmp_path, met
     run_dir = bundle / "runs" / f"pretrain_{method}"
     recorded = json.loads((run_dir / "config.json").read_text())
     assert recorded["method_schedule"] == cli_state["config"]["method_schedule"]
+
+
+def test_config_json_records_the_architecture_built_from_a_checkpoint(folder, tmp_path):
+    """A run started from a checkpoint with ``arch`` None (the checkpoint's layout) writes that layout into
+    config.json: ``arch``, ``small_stem``, ``widen_factor`` and ``arch_kwargs``, from which ``build_backbone``
+    rebuilds exactly the tensors of the trained backbone file; a resume still verifies config.json against the
+    checkpoint's run record and continues."""
+    from medssl.engines.run import run_pretraining
+    from medssl.models import build_backbone
+    from medssl.weights import load_checkpoint
+
+    base = {"data": str(folder), "method": "simclr", "image_size": 32, "batch_size": 8, "knn_every": 0,
+            "method_options": OPTIONS["simclr"], "workers": 0, "warmup_epochs": 0.0, "checkpoint_every_epochs": 0}
+    first = run_pretraining(PretrainConfig(out=str(tmp_path / "stage1"), arch="resnet18", small_stem=True,
+                                           widen_factor=0.125, iterations=1, **base), progress=False)
+    init = first / "backbone.safetensors"
+    second = run_pretraining(PretrainConfig(out=str(tmp_path / "stage2"), init=str(init), iterations=2,
+                                            checkpoint_every=1, **base), progress=False)
+    config = json.loads((second / "config.json").read_text())
+    assert (config["arch"], config["small_stem"], config["widen_factor"]) == ("resnet18", True, 0.125)
+    trained = load_checkpoint(second / "backbone.safetensors").backbone
+    rebuilt = build_backbone(config["arch"], **config["arch_kwargs"]).state_dict()
+    assert {k: tuple(v.shape) for k, v in rebuilt.items() if k in trained} == \
+        {k: tuple(v.shape) for k, v in trained.items()}
+    assert set(trained) <= set(rebuilt)
+    # the hash of the recorded config.json is the checkpoints' run record: a resume accepts it
+    run_pretraining(PretrainConfig(out=str(second)), resume=True, progress=False, resume_options={"iterations": 3})
+    steps = [json.loads(x)["iteration"] for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None][-1] == 3
+    assert json.loads((second / "config.json").read_text()) == config

@@ -3,6 +3,7 @@ parameters of a straight 6-step run, for every method (CPU)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,11 @@ METHOD_OPTIONS = {
     "byol": {"projector_hidden_dim": 16, "projector_out_dim": 8},
     "simsiam": {"projector_hidden_dim": 16, "projector_out_dim": 16, "predictor_hidden_dim": 8},
 }
+
+
+def _untimed(line: str) -> dict:
+    """A metrics.jsonl line without its wall-clock ``time`` stamp."""
+    return {k: v for k, v in json.loads(line).items() if k != "time"}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,9 @@ def test_resume_continues_exactly(tiny_folder, tmp_path, method):
                 for k in a["method"] if a["method"][k].is_floating_point())
     assert moved > 1e-4  # the last three steps did change the weights
     # the metrics log of the resumed run equals the straight one line for line
-    lines_a = (straight / "metrics.jsonl").read_text().splitlines()
-    lines_b = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+    # (apart from the wall-clock "time" stamp of each line)
+    lines_a = [_untimed(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [_untimed(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
     assert lines_a == lines_b and len(lines_a) == 6
     assert (tmp_path / "stopped" / "backbone.safetensors").exists()
 
@@ -130,3 +137,18 @@ def test_device_views_depend_only_on_seed_step_and_rank():
     assert torch.equal(torch.rand(1), after)  # the global generator is left as it was
     assert not torch.equal(first[0], views(8)[0])
     assert not torch.equal(first[0], views(7, rank=1)[0])
+
+
+def test_resume_after_a_kill_between_last_checkpoint_and_backbone_writes_the_backbone(tiny_folder, tmp_path):
+    """A run killed after its final checkpoint but before backbone.safetensors: ``--resume`` writes the file
+    (same tensors as the uninterrupted run's) instead of only saying the run is finished."""
+    from safetensors.torch import load_file
+
+    run = run_pretraining(_config(tiny_folder, tmp_path / "run", "simclr"), progress=False)
+    backbone = run / "backbone.safetensors"
+    expected = load_file(backbone)
+    backbone.unlink()  # what a kill at that moment leaves
+    assert medssl_main(["pretrain", "--resume", "--out", str(run), "--no-progress"]) == 0
+    written = load_file(backbone)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)

@@ -314,3 +314,41 @@ def test_interval_over_too_few_clusters_of_a_class_is_flagged():
     assert flagged["warning"] is not None and "class 1: 1" in flagged["warning"]
     many = make_clusters(y, [f"p{i}" for i in range(26)], unit="patient_id")
     assert interval_description(many, n_trials=3, n_resamples=1000)["warning"] is None
+
+
+def test_evaluate_cli_flags_an_interval_over_one_patient_of_a_class(tmp_path):
+    """``medssl evaluate`` on a manifest whose test images of class b all come from one patient: results.json
+    carries the interval warning for that class (1 patient < MIN_CLUSTERS_PER_CLASS) and report.md prints it;
+    class a (6 patients) is not named."""
+    from skimage.io import imsave
+
+    from medssl.data.manifest import write_manifest
+    from medssl.evaluation.bootstrap import MIN_CLUSTERS_PER_CLASS
+
+    rng = np.random.default_rng(0)
+    records = []
+    layout = {"train": {"a": [f"ta{i}" for i in range(8)], "b": [f"tb{i}" for i in range(8)]},
+              "val": {"a": ["va0", "va1", "va2"], "b": ["vb0", "vb1", "vb2"]},
+              "test": {"a": [f"xa{i}" for i in range(6)], "b": ["xb"] * 4}}  # class b: one patient
+    for split, by_class in layout.items():
+        for label, patients in by_class.items():
+            for i, patient in enumerate(patients):
+                path = tmp_path / "img" / f"{split}_{label}_{i}.png"
+                path.parent.mkdir(exist_ok=True)
+                image = rng.integers(0, 160, (32, 32, 3)) + (60 if label == "b" else 0)
+                imsave(path, image.astype(np.uint8), check_contrast=False)
+                records.append({"id": f"{split}-{label}-{i}", "image": str(path), "label": label, "split": split,
+                                "patient_id": patient, "source": "image"})
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, records)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--backbone", "random", "--arch", "resnet18", "--small-stem", "--widen-factor",
+                 "0.125", "--data", str(manifest), "--protocol", "knn", "--k", "3", "--fractions", "1.0",
+                 "--trials", "1", "--bootstrap", "1000", "--modality", "generic", "--image-size", "32",
+                 "--out", str(out)]) == 0
+    interval = json.loads((out / "results.json").read_text())["results"][0]["interval"]
+    assert interval["unit"] == "patient_id" and interval["n_clusters"] == 7
+    assert interval["warning"] is not None and "class 1: 1)" in interval["warning"]
+    assert "class 0" not in interval["warning"] and f"fewer than {MIN_CLUSTERS_PER_CLASS} patients" in interval[
+        "warning"]
+    assert f"**Warning: {interval['warning']}.**" in (out / "report.md").read_text()

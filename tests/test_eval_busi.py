@@ -112,6 +112,8 @@ def test_both_evaluations_write_all_outputs(busi_evals):
         assert "balanced_accuracy" in res["definitions"]
         for block in res["results"]:
             assert len(block["trials"]) == 3
+            # 24 test images, at least 5 of each class (one cluster per image): no too-few-clusters warning
+            assert block["interval"]["warning"] is None
             for t in block["trials"]:
                 assert 1 <= t["best_epoch"] <= 30 and 0 <= t["val_balanced_accuracy"] <= 1
         n_train = {b["fraction"]: b["trials"][0]["n_train"] for b in res["results"]}
@@ -120,6 +122,7 @@ def test_both_evaluations_write_all_outputs(busi_evals):
         assert "/" not in text and "busi" not in text  # no paths in the per-image file
         rows, classes = _read_predictions(d / "predictions.csv")
         assert classes == ["benign", "malignant", "normal"] and len(rows) == 24 * 2 * 3
+        assert "Warning:" not in (d / "report.md").read_text()
 
 
 def test_every_number_in_report_md_is_recomputed_from_predictions(busi_evals):

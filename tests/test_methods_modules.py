@@ -215,18 +215,18 @@ def _layout(head):
              getattr(m, "affine", None)) for m in head]
 
 
-def test_default_heads_follow_the_papers():
+def test_paper_heads_follow_the_papers():
     backbone = _backbone()
     c = backbone.num_features
-    simclr = build_method("simclr", backbone)
+    simclr = build_method("simclr", backbone, paper_heads=True)  # default: scaled (test_cost_visibility.py)
     assert [(n, i, o) for n, i, o, _ in _layout(simclr.projector) if n == "Linear"] == [
         ("Linear", c, 2048), ("Linear", 2048, 128)]
     assert simclr.temperature == 0.1
-    byol = build_method("byol", _backbone())
+    byol = build_method("byol", _backbone(), paper_heads=True)
     assert (byol.projector.in_dim, byol.projector[0].out_features, byol.projector.out_dim) == (c, 4096, 256)
     assert (byol.predictor.in_dim, byol.predictor[0].out_features, byol.predictor.out_dim) == (256, 4096, 256)
     assert (byol.base_tau, byol.final_tau) == (0.996, 1.0)
-    simsiam = build_method("simsiam", _backbone())
+    simsiam = build_method("simsiam", _backbone(), paper_heads=True)
     layout = _layout(simsiam.projector)
     assert [(i, o) for n, i, o, _ in layout if n == "Linear"] == [(c, 2048), (2048, 2048), (2048, 2048)]
     assert layout[-1][0] == "BatchNorm1d" and layout[-1][3] is False

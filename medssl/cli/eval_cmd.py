@@ -59,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "one, else patient_id, else the image (none)")
     ev.add_argument("--name", help="label of this initialisation in reports, e.g. P2X")
     ev.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--num-workers", type=int, help="data-loading processes (default 0: in the main process)")
+    ev.add_argument("--num-workers", type=int,
+                    help="data-loading processes (default: min(8, available cores - 1))")
+    ev.add_argument("--baselines", action="store_true",
+                    help="also evaluate the sanity rows on the same splits, fractions and trials: the random init "
+                    "of the same architecture and a linear probe on 16x16 raw pixels (EVAL_DIR/baselines/), and "
+                    "flag the backbone when it does not beat its random init")
     ev.add_argument("--out", required=True, help="EVAL_DIR to write")
     ev.set_defaults(func=evaluate)
 
@@ -106,6 +111,10 @@ def evaluate(args: argparse.Namespace) -> int:
         lr=args.lr, weight_decay=args.weight_decay, loss=args.loss, gamma=args.gamma, k=args.k,
         temperature=args.temperature, seed=args.seed, bootstrap=args.bootstrap, name=args.name, device=device,
         num_workers=args.num_workers, cluster_by=args.cluster_by)
+    if args.baselines:
+        from medssl.evaluation.sanity import run_baselines
+
+        run_baselines(out, args.data)
     print(out / "report.md")
     return 0
 

@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="channels-last memory format (faster convolutions on recent GPUs)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training network")
     p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default 4)")
+    p.add_argument("--workers", type=int, help="data-loading processes (default: min(8, available cores - 1))")
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and augmentation (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--augment-on", choices=["loader", "device"],

@@ -13,6 +13,8 @@ Stable API (names and signatures; keyword-only after the first argument unless s
   scale_frobenius=False, frobenius_rule="paper", fold_ws=False, dead_filters="none", trust=False, seed=0,
   resumed=None)``
   -> backbone (``nn.Module``, train mode) carrying ``.medssl_origin`` (:class:`NetworkOrigin`).
+- ``record_network(config, network)`` -> ``config`` with the architecture built (``arch``, ``small_stem``,
+  ``widen_factor``, ``arch_kwargs``), as ``config.json`` records it.
 - ``build_input_normalization(network)`` -> :class:`~medssl.models.InputNormalization` of the network's weights.
 - ``build_feature_extractor(network, *, channels_last=False)`` -> :class:`~medssl.models.FeatureExtractor`.
 - ``build_ssl_method(method="simclr", network=None, *, method_options=None, use_checkpoint_heads=False,
@@ -32,7 +34,7 @@ Stable API (names and signatures; keyword-only after the first argument unless s
   augment_on="loader", skip_bad_records=0, start_step=0, device=None, errors_path=None, skipped=None)``.
 - ``build_pretraining_trainer(ssl_method, optimizer, lr_scheduler, dataloader, *, iterations,
   steps_per_epoch, batch_size=128, device=None, precision="fp32", channels_last=False, accumulate=1,
-  compile=False, view_augment=None, seed=0, collapse_threshold=0.2, collapse_sink=None, last_checkpoint=None,
+  compile=False, view_augment=None, seed=0, collapse_threshold=0.3, collapse_sink=None, last_checkpoint=None,
   handlers=())`` -> :class:`~medssl.engines.trainer.PretrainingTrainer` (DDP-wrapped under several processes;
   ``trainer.method_schedule`` = what ``configure_run`` resolved).
 - ``seed_everything(seed)``: Python, NumPy and torch generators (identical initial state on every rank).
@@ -40,7 +42,7 @@ Stable API (names and signatures; keyword-only after the first argument unless s
   :mod:`medssl.engines.run_handlers` (``RunCheckpointer(run_dir, config, run_record)``,
   ``RunLogs(run_dir, *, metrics=None, log_every=1, progress=True, tensorboard=True)``,
   ``BackboneWriter(run_dir, config, *, spec, reports, source, out_dir=None, model_file=None)``,
-  ``KnnCheck(config, records, *, logs=None)``, ``CollapseGuard(threshold=0.2, *, logs=None)``) and
+  ``KnnCheck(config, records, *, logs=None, transform=None)``, ``CollapseGuard(threshold=0.3, *, logs=None)``) and
   :class:`medssl.engines.run_folder.RunFolder` (``RunFolder(run_dir, *, resume=False, overwrite=False)``: lock,
   resume verification, run record, ``config.json``).
 
@@ -200,6 +202,22 @@ def build_network(arch: str | None = DEFAULTS.arch, *, init: str = DEFAULTS.init
             raise
     backbone.medssl_origin = NetworkOrigin(spec, heads, reports, source)
     return backbone.train()
+
+
+def record_network(config: PretrainConfig, network: nn.Module) -> PretrainConfig:
+    """``config`` with the architecture actually built, as ``config.json`` records it: ``arch`` =
+    ``network.arch``, ``small_stem`` / ``widen_factor`` = those of ``network.arch_kwargs`` (their defaults when
+    absent) and ``arch_kwargs`` = every build option (``build_backbone(arch, **arch_kwargs)`` rebuilds the
+    layout; after a GroupNorm -> BatchNorm conversion or a weight-standardisation fold it is the converted one).
+    A checkpoint init (``arch`` None: the checkpoint's) so records its real layout. A network without these
+    attributes (built elsewhere) leaves ``config`` as it is."""
+    arch = getattr(network, "arch", None)
+    kwargs = getattr(network, "arch_kwargs", None)
+    if not isinstance(arch, str) or not isinstance(kwargs, dict):
+        return config
+    kwargs = dict(kwargs)
+    return dataclasses.replace(config, arch=arch, small_stem=bool(kwargs.get("small_stem", False)),
+                               widen_factor=float(kwargs.get("widen_factor", 1.0)), arch_kwargs=kwargs)
 
 
 def network_origin(network: nn.Module) -> NetworkOrigin:

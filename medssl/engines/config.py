@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,18 @@ def default_warmup_epochs(method: str, total_steps: int, steps_per_epoch: int) -
     return min(float(method_default(method, "warmup_epochs")), 0.1 * total_steps / max(steps_per_epoch, 1))
 
 
+def default_workers() -> int:
+    """Data-loading processes when none are given: ``min(8, cores - 1)`` (at least 0), ``cores`` = the CPUs this
+    process may run on (``len(os.sched_getaffinity(0))``, which honours ``taskset``/container CPU sets; else
+    ``os.cpu_count()``). One core is left to the training loop; beyond 8 workers image decoding at these sizes
+    rarely speeds up and each worker costs memory (a medssl rule of thumb, not from the papers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not available on macOS / Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
     """Optimizer steps per epoch: ``num_images // (batch_size * world_size)`` (the last partial batch dropped)."""
     return int(num_images) // (int(batch_size) * int(world_size))
@@ -67,19 +80,23 @@ class PretrainConfig:
     (``paper``: Ciga et al.'s division by sqrt(s), default; ``unit_norm``: division by s, see
     :func:`medssl.weights.surgery.scale_frobenius`), ``fold_ws`` (fold weight standardisation; required to
     scale a weight-standardised BiT), ``dead_filters`` (``copy``|``random``|``none``), ``use_checkpoint_heads``, ``trust`` (allow pickles), ``small_stem``,
-    ``widen_factor``, ``method_options`` (passed to ``build_method``, e.g. temperature, head sizes).
+    ``widen_factor``, ``method_options`` (passed to ``build_method``, e.g. temperature, head sizes; the heads'
+    widths scale with the backbone's feature width unless ``{"paper_heads": true}``, see
+    :func:`medssl.methods.base.head_width`).
     Schedule: ``epochs`` or ``iterations`` (optimizer steps; ``iterations`` wins), ``batch_size`` (images per
     optimizer step and process), ``accumulate`` (micro-batches per step: each forward sees
     ``batch_size // accumulate`` images), ``lr`` (None = ``lr_per_256 * batch_size * world_size / 256``),
     ``optimizer``, ``weight_decay``, ``momentum``, ``lars_eta``, ``warmup_epochs`` (None = paper value,
     clipped to a tenth of the run), ``final_lr``.
     Runtime: ``precision`` (``fp32``|``bf16``|``fp16``; AMP only on CUDA), ``channels_last``, ``compile``,
-    ``workers``, ``seed``, ``device`` (None = cuda when available), ``sync_bn``, ``augment_on`` (``loader``:
+    ``workers`` (loader processes; default :func:`default_workers`, from the cores available), ``seed``,
+    ``device`` (None = cuda when available), ``sync_bn``, ``augment_on`` (``loader``:
     per-sample augmentation in the loader workers; ``device``: batched kornia augmentation on the training
     device, see :mod:`medssl.engines.loaders`).
     Monitoring: ``knn_every`` (epochs, 0 = off), ``knn_k``, ``knn_temperature``, ``knn_max_images``,
     ``collapse_threshold`` (warn when the mean per-dimension std of normalised embeddings falls below this
-    fraction of 1/sqrt(D)), ``log_every`` (iterations between TensorBoard/metrics.jsonl lines).
+    fraction of 1/sqrt(D); default 0.3, measured between collapsed and healthy embeddings, see
+    :data:`medssl.engines.handlers.COLLAPSE_THRESHOLD`), ``log_every`` (iterations between TensorBoard/metrics.jsonl lines).
     Checkpoints: ``checkpoint_every`` (iterations, 0 = off), ``checkpoint_every_epochs`` (0 = off),
     ``keep_checkpoints`` (last K kept), ``stop_after`` (end this invocation after that many total steps
     with a checkpoint, keeping the schedule of the full run; continue with ``--resume``).
@@ -88,7 +105,10 @@ class PretrainConfig:
     resumes stay exact), logging each to ``RUN_DIR/errors.jsonl``; one more stops the run.
     Record: ``method_schedule`` is written by the engine, not read: the method's epoch-based knobs converted to
     this run's steps (SwAV: ``freeze_prototypes_steps``, ``queue_length``, ``queue_start_step``, ...; see
-    ``SSLMethod.configure_run``).
+    ``SSLMethod.configure_run``). The backbone actually built is recorded too
+    (:func:`medssl.engines.components.record_network`): ``arch``, ``small_stem`` and ``widen_factor`` are
+    overwritten with the built network's (a checkpoint's own layout when ``arch`` was None), and ``arch_kwargs``
+    (written, not read) holds all its build options, ``build_backbone(arch, **arch_kwargs)``.
     """
 
     data: str = ""
@@ -123,7 +143,7 @@ class PretrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
     device: str | None = None
     sync_bn: bool = False
@@ -132,7 +152,7 @@ class PretrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_max_images: int = 5000
-    collapse_threshold: float = 0.2
+    collapse_threshold: float = 0.3  # measured: medssl.engines.handlers.COLLAPSE_THRESHOLD
     log_every: int = 1
     checkpoint_every: int = 0
     checkpoint_every_epochs: int = 1
@@ -140,6 +160,7 @@ class PretrainConfig:
     stop_after: int | None = None
     skip_bad_records: int = 0
     method_schedule: dict[str, Any] = field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`MedsslError` for values that cannot work."""

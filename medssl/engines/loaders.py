@@ -225,12 +225,22 @@ def build_pretraining_loader(config: PretrainConfig, records: list[dict[str, Any
     return gate, augment
 
 
-def build_knn_images(config: PretrainConfig,
-                     records: list[dict[str, Any]]) -> tuple[LabelledImages, LabelledImages, int] | None:
+def build_knn_images(config: PretrainConfig, records: list[dict[str, Any]],
+                     transform: Callable[[dict[str, Any]], Any] | None = None,
+                     ) -> tuple[LabelledImages, LabelledImages, int] | None:
     """The kNN monitor's reference and query images and the number of classes, or None when there are not two
     labelled classes and five labelled images.
 
-    Each :class:`~medssl.engines.knn.LabelledImages` reads its records through the eval transform once, at the
+    Args:
+        config: ``knn_data``, ``knn_max_images``, ``seed``, ``workers``, ``batch_size``, ``modality``,
+            ``image_size``.
+        records: the run's records (their labelled ones are used unless ``config.knn_data`` is set).
+        transform: the deterministic pipeline ``record -> {"image": float Tensor(C, S, S) in [0, 1], "label",
+            ...}`` (C = 1 or 3; one S for all), e.g. a bundle's ``validate#preprocessing``, so editing that
+            pipeline changes what the monitor sees; None = the library preset
+            :func:`~medssl.transforms.presets.build_eval_transform` of ``config.modality`` at ``image_size``.
+
+    Each :class:`~medssl.engines.knn.LabelledImages` reads its records through ``transform`` once, at the
     monitor's first check (a loader with ``config.workers`` workers; an unreadable record stops the run with its
     id and file), and keeps them in memory as uint8 (at most ``knn_max_images`` images, N x 3 x S x S bytes).
     """
@@ -247,7 +257,8 @@ def build_knn_images(config: PretrainConfig,
         labelled = [labelled[i] for i in sorted(keep)]
     ref, qry = split_reference_query(labelled, config.seed)
     classes = label_index([str(r["label"]) for r in labelled])
-    transform = build_eval_transform(config.modality, config.image_size)
+    if transform is None:
+        transform = build_eval_transform(config.modality, config.image_size)
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),

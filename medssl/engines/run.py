@@ -1,8 +1,9 @@
 """``run_pretraining(config) -> RUN_DIR``: build data, model, method, optimizer and handlers, then train.
 
-Run folder: ``config.json`` (resolved), ``checkpoints/``, ``tb/``, ``metrics.jsonl``, and at the end
-``backbone.safetensors`` (a medssl file with the heads and the provenance of the run). Several processes
-(``torchrun``) go through ``ignite.distributed.Parallel``; only rank 0 writes.
+Run folder: ``config.json`` (resolved, with the backbone built: ``components.record_network``),
+``checkpoints/``, ``tb/``, ``metrics.jsonl``, and at the end ``backbone.safetensors`` (a medssl file with the
+heads and the provenance of the run). Several processes (``torchrun``) go through
+``ignite.distributed.Parallel``; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
     if not resume:  # the run record (hash of config.json as written here) goes into every checkpoint
         from medssl.engines.resume import make_run_record
 
+        config = components.record_network(config, backbone)  # the layout built (a checkpoint's real arch)
         run_record = make_run_record(config, backbone=backbone, spec=spec, heads=heads, reports=reports,
                                      source=source)
     if rank == 0:
@@ -180,16 +182,25 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
             atomic_write_json(run_dir / "config.json", config.to_dict())
     if world > 1:
         idist.barrier()  # logs truncated before any rank appends to them
-    _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank, progress,
-                     spec=spec, reports=reports, source=source, run_record=run_record)
+    writer = _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank,
+                              progress, spec=spec, reports=reports, source=source, run_record=run_record)
     trainer.run()
+    if writer is not None and trainer.state.iteration >= trainer.max_iterations \
+            and not (run_dir / "backbone.safetensors").is_file():
+        # killed after its last checkpoint but before the backbone file: a resume finishes the job
+        writer.write(method, trainer.state.iteration, trainer.method_schedule)
+    if world > 1:
+        # rank 0 may still be in the kNN check or writing the backbone file: no rank tears the process group
+        # down under another one's feet (gloo aborts a peer whose group vanishes mid-teardown)
+        idist.barrier()
 
 
 def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
                      normalization: nn.Module, records: list[dict[str, Any]], device: torch.device, run_dir: Path,
                      metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict, reports: list[dict],
-                     source: dict, run_record: dict[str, Any]) -> None:
-    """Checkpoints, kNN monitor, logs and the final backbone file (:mod:`medssl.engines.run_handlers`)."""
+                     source: dict, run_record: dict[str, Any]) -> Any:
+    """Checkpoints, kNN monitor, logs and the final backbone file (:mod:`medssl.engines.run_handlers`); returns
+    rank 0's ``BackboneWriter`` (None on other ranks)."""
     from medssl.engines.run_handlers import BackboneWriter, RunCheckpointer, RunLogs
 
     RunCheckpointer(run_dir, config, run_record).attach(trainer)
@@ -204,6 +215,9 @@ def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method
         sinks = [metrics.write, logs.knn_sink] if logs is not None and metrics is not None else []
         attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=trainer.max_iterations,
                            sinks=sinks)
-    if logs is not None:
-        logs.attach(trainer)
-        BackboneWriter(run_dir, config, spec=spec, reports=reports, source=source).attach(trainer)
+    if logs is None:
+        return None
+    logs.attach(trainer)
+    writer = BackboneWriter(run_dir, config, spec=spec, reports=reports, source=source)
+    writer.attach(trainer)
+    return writer

@@ -181,7 +181,7 @@ class RunFolder:
         the exact-resume :class:`~medssl.engines.run_handlers.RunCheckpointer` (and release the lock if the
         run fails)."""
         from medssl.engines.checkpoint import latest_checkpoint, restore_training_state
-        from medssl.engines.components import network_origin
+        from medssl.engines.components import network_origin, record_network
         from medssl.engines.handlers import MetricsJsonl
         from medssl.engines.resume import log_resume, make_run_record
         from medssl.engines.run_handlers import RunCheckpointer
@@ -203,6 +203,7 @@ class RunFolder:
             record = self.record
         else:
             origin = network_origin(engine.method.backbone)
+            config = record_network(config, engine.method.backbone)  # the layout built
             record = make_run_record(config, backbone=engine.method.backbone, spec=origin.input_normalization,
                                      heads=origin.heads if config.use_checkpoint_heads else None,
                                      reports=origin.reports, source=origin.source)

@@ -8,8 +8,8 @@ same ones:
   skipped records are gathered with ``idist.all_gather``); rank 0 writes. Each checkpoint carries the run
   record (:mod:`medssl.engines.resume`) that a resume checks.
 - :class:`RunLogs`: ``metrics.jsonl`` (one line per ``log_every`` steps), TensorBoard under ``RUN_DIR/tb``
-  (tags ``train/loss``, ``train/lr``, ...; ``knn/balanced_accuracy`` through :meth:`RunLogs.knn_sink`) and a
-  progress bar; rank 0 only.
+  (tags ``train/loss``, ``train/lr``, ...; ``knn/balanced_accuracy`` through :meth:`RunLogs.knn_sink`) a
+  progress bar and log lines with images/s and ETA (without a progress bar too); rank 0 only.
 - :class:`BackboneWriter`: ``RUN_DIR/backbone.safetensors`` (backbone, SSL heads, input normalisation and the
   provenance of the run) when the run reaches its last step, optionally with a MONAI ``model.pt``; rank 0 only.
 - :class:`KnnCheck` and :class:`CollapseGuard`: the kNN monitor and the collapse monitor as handlers.
@@ -100,10 +100,15 @@ class RunLogs:
         progress: show a tqdm progress bar.
         tensorboard: write ``RUN_DIR/tb`` (off where another handler does, e.g. MONAI's
             ``TensorBoardStatsHandler`` in a bundle).
+        throughput_every_steps, throughput_every_seconds: an INFO log line ``pretraining step i/N: R images/s,
+            ETA H:MM:SS, loss L`` every that many steps or seconds, whichever comes first, and at the last step
+            (:class:`~medssl.engines.handlers.Throughput`; default 50 steps / 30 s). Every metrics.jsonl line
+            carries its wall-clock ``time`` (ISO 8601, UTC).
     """
 
     def __init__(self, run_dir: str | Path, *, metrics: Any = None, log_every: int = PretrainConfig.log_every,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+                 progress: bool = True, tensorboard: bool = True, throughput_every_steps: int = 50,
+                 throughput_every_seconds: float = 30.0) -> None:
         from medssl.engines.handlers import MetricsJsonl
 
         self.run_dir = Path(run_dir)
@@ -111,6 +116,8 @@ class RunLogs:
         self.log_every = int(log_every)
         self.progress = bool(progress)
         self.tensorboard = bool(tensorboard)
+        self.throughput_every_steps = int(throughput_every_steps)
+        self.throughput_every_seconds = float(throughput_every_seconds)
         self.tb: Any = None
 
     def knn_sink(self, record: dict[str, Any]) -> None:
@@ -121,10 +128,17 @@ class RunLogs:
     def attach(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
-        from medssl.engines.handlers import attach_iteration_logging, attach_progress_bar, attach_tensorboard
+        from medssl.engines.handlers import (
+            attach_iteration_logging,
+            attach_progress_bar,
+            attach_tensorboard,
+            attach_throughput_log,
+        )
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         attach_iteration_logging(engine, self.metrics, every=self.log_every)
+        attach_throughput_log(engine, total_steps=None, world_size=idist.get_world_size(),
+                              every_steps=self.throughput_every_steps, every_seconds=self.throughput_every_seconds)
         if self.tensorboard:
             self.tb = attach_tensorboard(engine, self.run_dir / "tb", every=self.log_every)
             engine.add_event_handler(Events.COMPLETED, lambda _: self.tb.close())
@@ -208,12 +222,16 @@ class KnnCheck:
     (``engine.method.backbone`` after ``engine.normalization``) on the labelled images of ``records`` (or of
     ``config.knn_data``), read once per invocation (:func:`medssl.engines.loaders.build_knn_images`).
     Results go to ``metrics.jsonl`` and TensorBoard through ``logs``. Off with ``knn_every`` 0, or with fewer
-    than two labelled classes / five labelled images (a warning)."""
+    than two labelled classes / five labelled images (a warning). ``transform``: the deterministic pipeline
+    the images are read through (a bundle passes its ``validate#preprocessing``); None = the library preset of
+    ``config.modality``."""
 
-    def __init__(self, config: PretrainConfig, records: list[dict[str, Any]], *, logs: RunLogs | None = None) -> None:
+    def __init__(self, config: PretrainConfig, records: list[dict[str, Any]], *, logs: RunLogs | None = None,
+                 transform: Any = None) -> None:
         self.config = config
         self.records = records
         self.logs = logs
+        self.transform = transform
 
     def attach(self, engine: Any) -> None:
         from medssl.engines.handlers import KnnMonitor, attach_knn_monitor
@@ -222,7 +240,7 @@ class KnnCheck:
         cfg = self.config
         if cfg.knn_every <= 0 or idist.get_rank() != 0:
             return
-        knn = build_knn_images(cfg, self.records)
+        knn = build_knn_images(cfg, self.records, self.transform)
         if knn is None:
             return
         ref, qry, num_classes = knn
@@ -237,7 +255,8 @@ class KnnCheck:
 class CollapseGuard:
     """The collapse monitor as a handler: gives the trainer a :class:`~medssl.engines.handlers.CollapseMonitor`
     (mean per-dimension std of the L2-normalised embeddings; a warning, and a ``metrics.jsonl`` line through
-    ``logs`` on rank 0, below ``threshold / sqrt(D)``; default 0.2, ``PretrainConfig.collapse_threshold``).
+    ``logs`` on rank 0, below ``threshold / sqrt(D)``; default 0.3, ``PretrainConfig.collapse_threshold``,
+    measured: see :data:`~medssl.engines.handlers.COLLAPSE_THRESHOLD`).
     The non-finite loss guard is part of every step and names the newest checkpoint
     (:class:`~medssl.engines.run_folder.RunFolder`)."""
 

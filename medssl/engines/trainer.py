@@ -89,9 +89,15 @@ class PretrainingTrainer(Trainer):
         self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def run(self) -> None:  # type: ignore[override]
-        """Run (or continue, when ``state.iteration`` was restored) until ``max_iterations`` steps."""
-        self.state.max_epochs = None
+        """Run (or continue, when ``state.iteration`` was restored) until ``max_iterations`` steps.
+
+        Ignite stops the run through ``state.max_iters`` (after step ``max_iterations``, mid-epoch when it is not
+        a multiple of ``epoch_length``: ``TERMINATE`` then ``COMPLETED`` fire, the partial epoch's
+        ``EPOCH_COMPLETED`` does not). ``state.max_epochs`` is ``ceil(max_iterations / epoch_length)``, the last
+        epoch the run reaches, so it never ends the run earlier and logs read ``Epoch: e/E`` (MONAI's
+        ``StatsHandler``)."""
         self.state.max_iters = self.max_iterations
+        self.state.max_epochs = -(-self.max_iterations // int(self.state.epoch_length))
         if self.state.iteration >= self.max_iterations:
             logger.info("run already finished (%d steps)", self.state.iteration)
             return

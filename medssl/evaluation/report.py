@@ -35,6 +35,13 @@ from medssl.evaluation.predictions import (
     summarize_predictions,
     table_clusters,
 )
+from medssl.evaluation.sanity import (
+    FLAG_DEFINITIONS,
+    comparison_flags,
+    flag_lines,
+    report_flags,
+    with_baselines,
+)
 from medssl.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 HEADLINE = ("balanced_accuracy", "macro_f1", "accuracy")
@@ -117,6 +124,12 @@ def eval_report_markdown(ev: Evaluation) -> str:
         f"classes: {', '.join(classes)}",
     ]
     lines += [f"- note: {n}" for n in data.get("notes", [])]
+    flags = report_flags(ev)
+    lines += ["", "## Sanity flags", ""] + (flag_lines(flags) or ["None raised (definitions below)."])
+    baselines = res.get("baselines") or {}
+    if baselines:
+        lines += ["", "Sanity rows (same splits, fractions, trials): "
+                  + ", ".join(f"[{k}]({v}/report.md)" for k, v in baselines.items()) + "."]
     unit = interval_unit(ev.summary)
     lines += ["", f"## Test results (mean ± std over trials, 95% CI of the trial mean; CI unit: {unit})", "",
               "| label fraction | trials | test images | balanced accuracy | 95% CI | macro F1 | 95% CI | "
@@ -305,7 +318,7 @@ def compare_evaluations(
     if not eval_dirs:
         raise MedsslError("give at least one evaluation folder")
     out = Path(out_dir)
-    evals = [load_evaluation(d, cluster_by) for d in eval_dirs]
+    evals = with_baselines([load_evaluation(d, cluster_by) for d in eval_dirs], cluster_by)
     columns = sorted({(ev.dataset, b["fraction"]) for ev in evals for b in ev.summary})
     names = list(dict.fromkeys(ev.name for ev in evals))
     cells: dict[tuple[str, str, float], dict] = {}
@@ -348,8 +361,11 @@ def compare_evaluations(
              f"p: two-sided paired bootstrap p-value at its resolution; Holm-adjusted over the {len(paired)} "
              "comparisons of this report (family-wise error rate).", ""]
     lines += [paired_line(r) for r in paired] or ["(no two evaluations share a dataset and label fraction)"]
+    flags = comparison_flags(evals, paired, pretrain_runs)
+    lines += ["", "## Sanity flags", ""] + (flag_lines(flags) or ["None raised (definitions below)."])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     lines += ["", "## Definitions", "", f"- **CI**: {BOOTSTRAP_DEFINITION}", f"- **paired**: {PAIRED_DEFINITION}"]
+    lines += [f"- **{k}**: {v}" for k, v in FLAG_DEFINITIONS.items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 

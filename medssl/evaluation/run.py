@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medssl.engines.config import default_workers
+from medssl.engines.handlers import Throughput
 from medssl.errors import MedsslError
 from medssl.evaluation.bootstrap import BOOTSTRAP_DEFINITION, CLUSTER_BY_CHOICES
 from medssl.evaluation.checks import (
@@ -43,6 +46,7 @@ from medssl.evaluation.predictions import (
     summarize_predictions,
     write_predictions,
 )
+from medssl.evaluation.sanity import FLAG_DEFINITIONS, evaluation_flags
 from medssl.evaluation.setup import (
     EvalData,
     load_backbone,
@@ -87,7 +91,7 @@ class EvalConfig:
     cluster_by: str = "auto"  # bootstrap unit: auto = lesion_id if present, else patient_id, else image
     name: str | None = None
     device: str = "cpu"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: medssl.engines.config.default_workers(), min(8, available cores - 1)
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -109,6 +113,7 @@ class EvalConfig:
         out["lr"] = self.lr if self.lr is not None else (3e-4 if finetune else 1e-3)
         out["weight_decay"] = self.weight_decay if self.weight_decay is not None else (1e-4 if finetune else 0.0)
         out["fractions"] = sorted(float(f) for f in self.fractions)
+        out["num_workers"] = self.num_workers if self.num_workers is not None else default_workers()
         return out
 
 
@@ -193,7 +198,7 @@ def run_evaluation(
     if norm_record["recalibrate"]:
         norm_record["recalibration"] = recalibrate_backbone(
             loaded, eval_data.train, labelled_transform, num_batches=cfg.recalibrate_batches,
-            batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, num_workers=cfg.num_workers)
+            batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, num_workers=resolved["num_workers"])
         norm_record["bn_statistics"] = "recalibrated"
     log.info("evaluating %s on %s: %d train / %d val / %d test, classes %s", loaded.info.get("source"),
              eval_data.dataset, len(eval_data.train), len(eval_data.val), len(eval_data.test), eval_data.classes)
@@ -230,6 +235,10 @@ def run_evaluation(
         "results": _merge_training_records(summary, extra.get("training", {})),
         "plots": plots,
     }
+    results["flags"] = evaluation_flags(results, results["results"], backbone)  # medssl.evaluation.sanity
+    results["definitions"]["flags"] = "; ".join(f"{k}: {v}" for k, v in FLAG_DEFINITIONS.items())
+    for flag in results["flags"]:
+        log.warning("sanity flag %s: %s", flag["flag"], flag["message"])
     atomic_write_json(out / "results.json", results)
     from medssl.evaluation.report import write_eval_report
 
@@ -261,14 +270,16 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
     for p in extractor.parameters():
         p.requires_grad_(False)
     model_hash = module_sha256(extractor)
-    arrays = {
-        split: load_or_compute_features(extractor, getattr(data, split), transform, cache_dir=out / "cache",
-                                        model_hash=model_hash, manifest_hash=data.manifest_sha256,
-                                        transform_desc=transform_desc, batch_size=cfg["batch_size"],
-                                        device=cfg["device"], num_workers=cfg["num_workers"],
-                                        desc=f"{split} features")
-        for split in ("train", "val", "test")
-    }
+    arrays = {}
+    for split in ("train", "val", "test"):
+        start = time.monotonic()
+        arrays[split] = load_or_compute_features(
+            extractor, getattr(data, split), transform, cache_dir=out / "cache", model_hash=model_hash,
+            manifest_hash=data.manifest_sha256, transform_desc=transform_desc, batch_size=cfg["batch_size"],
+            device=cfg["device"], num_workers=cfg["num_workers"], desc=f"{split} features")
+        seconds = time.monotonic() - start
+        log.info("%s features: %d images in %.1f s (%.1f images/s)", split, len(getattr(data, split)), seconds,
+                 len(getattr(data, split)) / max(seconds, 1e-9))
     for split, array in arrays.items():
         require_finite(array.feats, f"{split} features", loaded.info)
     feats = {split: array.feats for split, array in arrays.items()}
@@ -276,7 +287,8 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
     k = len(data.classes)
     subsets = label_fraction_subsets(data.train, cfg["fractions"], cfg["trials"], seed=cfg["seed"])
     tables, training = [], {}
-    for (trial, fraction), idx in sorted(subsets.items()):
+    meter = Throughput(f"{cfg['protocol']} trials (fraction x trial)", len(subsets), every_steps=1, log=log)
+    for step, ((trial, fraction), idx) in enumerate(sorted(subsets.items()), start=1):
         x, y = feats["train"][idx], labels["train"][idx]
         record: dict[str, Any] = {"n_train": int(len(idx))}
         if cfg["protocol"] == "knn":
@@ -293,6 +305,7 @@ def _run_frozen(data: EvalData, loaded: Any, transform: IndexedLabels, transform
             record.update(best_epoch=probe.best_epoch, val_balanced_accuracy=probe.best_val_balanced_accuracy)
         training[(trial, float(fraction))] = record
         tables.append(prediction_rows(data.test, data.classes, labels["test"], probs, trial, fraction))
+        meter.update(step, len(idx))
     definitions = {"protocol": KNN_DEFINITION if cfg["protocol"] == "knn" else
                    "linear classifier on frozen, standardised features; Adam; the epoch with the best "
                    "validation balanced accuracy is tested once"}
@@ -323,7 +336,9 @@ def _write_plots(out: Path, data: EvalData, table: PredictionTable, summary: lis
         plot_confusion_matrix(np.asarray(block["confusion_matrix_sum"]), data.classes, out / name,
                               title=f"{title} {block['fraction']:.0%} labels, {len(block['trials'])} trials summed")
         plots[f"confusion_matrix_{block['fraction']:g}"] = name
-    if len(embeddings) >= 5:
+    if len(embeddings) >= 5 and float(np.var(np.asarray(embeddings, dtype=np.float64), axis=0).sum()) <= 1e-12:
+        log.warning("no t-SNE plot: every test embedding is the same point (a collapsed backbone)")
+    elif len(embeddings) >= 5:
         labels = np.asarray(data.labels("test"))
         plot_tsne(embeddings, labels, data.classes, out / "plots/tsne_test.png",
                   title=f"t-SNE of test embeddings {title}".strip(), seed=cfg.seed)

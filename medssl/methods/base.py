@@ -174,6 +174,30 @@ class SSLMethod(nn.Module, abc.ABC):
         return self.backbone.forward_features(x)
 
 
+#: feature width of the backbone the four papers sized their heads for (ResNet-50)
+PAPER_FEATURE_WIDTH = 2048
+#: smallest scaled head width
+MIN_SCALED_HEAD_WIDTH = 64
+
+
+def head_width(width: int, paper_width: int, num_features: int, *, paper_heads: bool = False) -> int:
+    """The width of a hidden (or SimSiam output) head layer that fits the backbone.
+
+    The papers sized their heads for a ResNet-50 (2048 features); on a narrow backbone these heads cost more than
+    the backbone itself (a 2048-wide SimSiam head on a 2.8 M-parameter ResNet). Rule (medssl):
+    ``min(paper_width, max(64, round(paper_width * num_features / 2048)))``: the paper's width scaled by the
+    backbone's feature width relative to ResNet-50's, at least 64 and never wider than the paper's. A ResNet-50 or
+    BiT R50x1 thus gets exactly the paper's heads; a ResNet-18 (512 features) a quarter of them.
+
+    ``width`` is returned unchanged when ``paper_heads`` is set (the method's paper setting:
+    ``--method-options '{"paper_heads": true}'``) or when it differs from ``paper_width`` (a width asked for).
+    """
+    if paper_heads or int(width) != int(paper_width):
+        return int(width)
+    scaled = int(round(paper_width * num_features / PAPER_FEATURE_WIDTH))
+    return min(int(paper_width), max(MIN_SCALED_HEAD_WIDTH, scaled))
+
+
 def resolve_mlp_head(
     role: str,
     heads: Mapping[str, Mapping[str, torch.Tensor]] | None,

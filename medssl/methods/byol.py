@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.methods.base import SSLMethod, resolve_mlp_head
+from medssl.methods.base import SSLMethod, head_width, resolve_mlp_head
 from medssl.models import MLPHead
 
 EMA_BUFFER_POLICIES = ("own", "copy", "ema")
@@ -99,6 +99,8 @@ class BYOL(SSLMethod):
         base_tau: EMA momentum at the start. Default 0.996.
         final_tau: EMA momentum at the end. Default 1.0.
         ema_buffers: buffer policy of :func:`ema_update_`. Default ``"own"``.
+        paper_heads: use the paper's hidden widths (4096) whatever the backbone; default False: hidden widths
+            left at their defaults are scaled to the backbone (:func:`medssl.methods.base.head_width`).
         heads: heads from an imported checkpoint; ``projector`` and ``predictor`` are used when present
             (the target starts as a copy of the online projector).
         heads_source: the checkpoint path, for error messages.
@@ -118,10 +120,13 @@ class BYOL(SSLMethod):
         base_tau: float = 0.996,
         final_tau: float = 1.0,
         ema_buffers: str = "own",
+        paper_heads: bool = False,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         heads_source: str | None = None,
     ) -> None:
         super().__init__(backbone)
+        projector_hidden_dim = head_width(projector_hidden_dim, 4096, self.num_features, paper_heads=paper_heads)
+        predictor_hidden_dim = head_width(predictor_hidden_dim, 4096, self.num_features, paper_heads=paper_heads)
         if ema_buffers not in EMA_BUFFER_POLICIES:
             raise ValueError(f"ema_buffers must be one of {EMA_BUFFER_POLICIES}, got {ema_buffers!r}")
         self.projector, self.head_sources["projector"] = resolve_mlp_head(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.methods.base import SSLMethod, resolve_mlp_head
+from medssl.methods.base import SSLMethod, head_width, resolve_mlp_head
 from medssl.methods.distributed import all_gather_with_grad, gather_sizes, is_distributed, rank
 from medssl.models import MLPHead
 
@@ -71,6 +71,8 @@ class SimCLR(SSLMethod):
         projector_layers: number of Linear layers in the projector (2 in SimCLR v1, 3 in v2). Default 2.
         temperature: NT-Xent temperature. Default 0.1.
         gather: gather negatives from all ranks when distributed. Default True.
+        paper_heads: use the paper's hidden width (2048) whatever the backbone; default False: the hidden width
+            left at its default is scaled to the backbone (:func:`medssl.methods.base.head_width`).
         heads: heads from an imported checkpoint; ``heads["projector"]`` is used when present.
         heads_source: the checkpoint path, for error messages.
     """
@@ -87,10 +89,12 @@ class SimCLR(SSLMethod):
         projector_layers: int = 2,
         temperature: float = 0.1,
         gather: bool = True,
+        paper_heads: bool = False,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         heads_source: str | None = None,
     ) -> None:
         super().__init__(backbone)
+        projector_hidden_dim = head_width(projector_hidden_dim, 2048, self.num_features, paper_heads=paper_heads)
         default = MLPHead(self.num_features, projector_hidden_dim, projector_out_dim, num_layers=projector_layers)
         self.projector, self.head_sources["projector"] = resolve_mlp_head(
             "projector", heads, default, in_dim=self.num_features, source=heads_source)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.methods.base import SSLMethod, resolve_mlp_head
+from medssl.methods.base import SSLMethod, head_width, resolve_mlp_head
 from medssl.models import MLPHead
 
 
@@ -42,6 +42,9 @@ class SimSiam(SSLMethod):
         projector_layers: Linear layers in the projector. Default 3.
         predictor_hidden_dim: bottleneck width of the predictor. Default 512.
         predictor_fixed_lr: flag the predictor's groups ``"fixed_lr": True`` in :meth:`param_groups`. Default True.
+        paper_heads: use the paper's widths (2048, 2048, 512) whatever the backbone; default False: the projector
+            widths and the predictor bottleneck left at their defaults are scaled to the backbone
+            (:func:`medssl.methods.base.head_width`; e.g. 512-512-128 on a ResNet-18).
         heads: heads from an imported checkpoint; ``projector`` and ``predictor`` are used when present.
         heads_source: the checkpoint path, for error messages.
     """
@@ -59,10 +62,14 @@ class SimSiam(SSLMethod):
         projector_layers: int = 3,
         predictor_hidden_dim: int = 512,
         predictor_fixed_lr: bool = True,
+        paper_heads: bool = False,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         heads_source: str | None = None,
     ) -> None:
         super().__init__(backbone)
+        projector_hidden_dim = head_width(projector_hidden_dim, 2048, self.num_features, paper_heads=paper_heads)
+        projector_out_dim = head_width(projector_out_dim, 2048, self.num_features, paper_heads=paper_heads)
+        predictor_hidden_dim = head_width(predictor_hidden_dim, 512, self.num_features, paper_heads=paper_heads)
         default_projector = MLPHead(self.num_features, projector_hidden_dim, projector_out_dim,
                                     num_layers=projector_layers, hidden_bias=False, last_bias=False,
                                     last_bn=True, last_bn_affine=False)

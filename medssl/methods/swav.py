@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medssl.errors import MedsslError
-from medssl.methods.base import SSLMethod, resolve_mlp_head, resolve_prototypes
+from medssl.methods.base import SSLMethod, head_width, resolve_mlp_head, resolve_prototypes
 from medssl.methods.distributed import all_reduce_max_, all_reduce_sum_, is_distributed, world_size
 from medssl.models import MLPHead
 
@@ -212,6 +212,8 @@ class SwAV(SSLMethod):
             rank keeps ``queue_length // world_size``.
         epoch_queue_starts: epochs done before the queue is filled (SwAV code default 15); it enters the
             Sinkhorn scores only once full.
+        paper_heads: use the paper's hidden width (2048) whatever the backbone; default False: the hidden width
+            left at its default is scaled to the backbone (:func:`medssl.methods.base.head_width`).
         heads: heads from an imported checkpoint; ``projector`` and ``prototypes`` are used when present.
         heads_source: the checkpoint path, for error messages.
     """
@@ -238,10 +240,12 @@ class SwAV(SSLMethod):
         crops_for_assign: Sequence[int] = (0, 1),
         queue_length: int | None = None,
         epoch_queue_starts: int = 15,
+        paper_heads: bool = False,
         heads: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         heads_source: str | None = None,
     ) -> None:
         super().__init__(backbone)
+        projector_hidden_dim = head_width(projector_hidden_dim, 2048, self.num_features, paper_heads=paper_heads)
         if num_local_crops < 0:
             raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
         self.views_required = 2 + int(num_local_crops)

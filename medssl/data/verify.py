@@ -47,7 +47,12 @@ def check_record(record: Mapping[str, Any]) -> str | None:
             out = LoadRecordd(keys=("image",))(dict(record))
     except Exception as exc:  # noqa: BLE001 - every reader failure is a bad record, reported with its reason
         return f"cannot decode: {_reason(exc, record.get('image'))}"
-    array = np.asarray(out["image"])
+    return pixel_problem(np.asarray(out["image"]))
+
+
+def pixel_problem(array: np.ndarray) -> str | None:
+    """Why a decoded array cannot be trained on (not ``(C, H, W)`` with C = 1 or 3, or not finite), or ``None``;
+    shared with the store's codec (:func:`medssl.data.store.layout.encode_pixels`)."""
     if array.ndim != 3 or array.shape[0] not in (1, 3) or min(array.shape) < 1:
         return f"decoded to an array of shape {tuple(array.shape)}, not (C, H, W) with C = 1 or 3"
     if not np.isfinite(array).all():

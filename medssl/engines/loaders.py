@@ -1,5 +1,6 @@
-"""Data loaders of a pretraining run: the SSL view loader (per-sample or batched augmentation) and the kNN
-monitor's labelled images (read once per run, :func:`build_knn_images`).
+"""Data loader pieces of a pretraining run: the SSL view options, the bad-record guard of the SSL loader (built
+by :mod:`medssl.engines.data_builders`) and the kNN monitor's labelled images (read once per run,
+:func:`build_knn_images`).
 
 Two augmentation paths (``PretrainConfig.augment_on``):
 
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from medssl.engines.config import PretrainConfig
 from medssl.engines.handlers import label_index, split_reference_query
 from medssl.engines.knn import LabelledImages
-from medssl.engines.sampling import SeededSampleDataset, StepBatchSampler, collate_views
+from medssl.engines.sampling import SeededSampleDataset
 from medssl.errors import MedsslError
 
 logger = logging.getLogger("medssl.engines.loaders")
@@ -191,38 +192,6 @@ class BadRecordGate:
             what = (f"more than {self.limit} unreadable records (--skip-bad-records {self.limit})"
                     f"{'; ' + why if why else ''}; the last: {what}")
         return MedsslError(what, entry.get("path"))
-
-
-def build_pretraining_loader(config: PretrainConfig, records: list[dict[str, Any]], method: nn.Module, *,
-                             rank: int, world_size: int, start_step: int, device: torch.device,
-                             errors_path: str | Path | None = None,
-                             skipped: set[Any] | None = None) -> tuple[BadRecordGate, nn.Module | None]:
-    """The SSL loader for steps ``[start_step, config.iterations)`` and, for ``augment_on="device"``, the
-    batched view augmentation to run on ``device`` (else None).
-
-    The loader is a :class:`BadRecordGate` (``len`` and iteration like a DataLoader) applying
-    ``config.skip_bad_records``; skipped records go to ``errors_path`` and ``skipped``."""
-    from medssl.transforms.batched import BatchedSSLAugment, build_batched_base_transform
-    from medssl.transforms.presets import build_ssl_transform
-
-    options = view_options(config, method)
-    augment: nn.Module | None = None
-    if config.augment_on == "device":
-        transform = build_batched_base_transform(config.modality, 2 * config.image_size)
-        augment = BatchedSSLAugment(config.modality, config.image_size, **options).to(device)
-        collate = collate_images
-    else:
-        transform = build_ssl_transform(config.modality, config.image_size, **options)
-        collate = collate_views
-    sampler = StepBatchSampler(len(records), config.batch_size, int(config.iterations), seed=config.seed,
-                               rank=rank, world_size=world_size, start_step=start_step)
-    dataset = GuardedRecords(SeededSampleDataset(records, transform, seed=config.seed), config.skip_bad_records)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers,
-                        collate_fn=GuardedCollate(collate), pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(config.seed))
-    gate = BadRecordGate(loader, limit=config.skip_bad_records, start_step=start_step, errors_path=errors_path,
-                         skipped=skipped, rank=rank if world_size > 1 else None)
-    return gate, augment
 
 
 def build_knn_images(config: PretrainConfig, records: list[dict[str, Any]],

@@ -15,14 +15,12 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from torch import nn
 
 from medssl.engines import components
 from medssl.engines.checkpoint import latest_checkpoint, load_checkpoint_file, restore_training_state
 from medssl.engines.config import PretrainConfig, steps_per_epoch
-from medssl.engines.handlers import KnnMonitor, MetricsJsonl, attach_knn_monitor
+from medssl.engines.handlers import MetricsJsonl
 from medssl.engines.launch import is_launch_main_process, launch_world_size
-from medssl.engines.loaders import build_knn_images
 from medssl.engines.trainer import PretrainingTrainer
 from medssl.errors import MedsslError
 from medssl.io import atomic_write_json
@@ -158,7 +156,6 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
             last_checkpoint=lambda: latest_checkpoint(run_dir)))
     # epoch-based method knobs (SwAV prototype freezing, queue start/length) as steps of this run: recorded
     config = dataclasses.replace(config, method_schedule=trainer.method_schedule)
-    normalization = trainer.normalization
     if state is not None:
         restore_training_state(state, method=method, optimizer=optimizer, scaler=trainer.grad_scaler,
                                schedule=schedule, rank=rank, world_size=world)
@@ -182,8 +179,8 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
             atomic_write_json(run_dir / "config.json", config.to_dict())
     if world > 1:
         idist.barrier()  # logs truncated before any rank appends to them
-    writer = _attach_handlers(trainer, config, method, normalization, records, device, run_dir, metrics, rank,
-                              progress, spec=spec, reports=reports, source=source, run_record=run_record)
+    writer = _attach_handlers(trainer, config, records, run_dir, metrics, rank, progress, spec=spec,
+                              reports=reports, source=source, run_record=run_record)
     trainer.run()
     if writer is not None and trainer.state.iteration >= trainer.max_iterations \
             and not (run_dir / "backbone.safetensors").is_file():
@@ -195,26 +192,17 @@ def _train(local_rank: int, config: PretrainConfig, resumed: tuple | None, progr
         idist.barrier()
 
 
-def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, method: nn.Module,
-                     normalization: nn.Module, records: list[dict[str, Any]], device: torch.device, run_dir: Path,
-                     metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict, reports: list[dict],
-                     source: dict, run_record: dict[str, Any]) -> Any:
+def _attach_handlers(trainer: PretrainingTrainer, config: PretrainConfig, records: list[dict[str, Any]],
+                     run_dir: Path, metrics: MetricsJsonl | None, rank: int, progress: bool, *, spec: dict,
+                     reports: list[dict], source: dict, run_record: dict[str, Any]) -> Any:
     """Checkpoints, kNN monitor, logs and the final backbone file (:mod:`medssl.engines.run_handlers`); returns
     rank 0's ``BackboneWriter`` (None on other ranks)."""
-    from medssl.engines.run_handlers import BackboneWriter, RunCheckpointer, RunLogs
+    from medssl.engines.run_handlers import BackboneWriter, KnnCheck, RunCheckpointer, RunLogs
 
     RunCheckpointer(run_dir, config, run_record).attach(trainer)
     logs = RunLogs(run_dir, metrics=metrics, log_every=config.log_every, progress=progress) if rank == 0 else None
-    # the kNN monitor runs on rank 0 only; its images are read once per invocation (medssl.engines.knn)
-    knn = build_knn_images(config, records) if config.knn_every > 0 and rank == 0 else None
-    if knn is not None:
-        ref, qry, num_classes = knn
-        monitor = KnnMonitor(method.backbone, normalization, ref, qry, num_classes=num_classes, device=device,
-                             k=config.knn_k, temperature=config.knn_temperature,
-                             channels_last=config.channels_last, batch_size=max(config.batch_size, 64))
-        sinks = [metrics.write, logs.knn_sink] if logs is not None and metrics is not None else []
-        attach_knn_monitor(trainer, monitor, every_epochs=config.knn_every, max_iterations=trainer.max_iterations,
-                           sinks=sinks)
+    # the kNN monitor (rank 0 only), attached before the logs so its final check reaches TensorBoard
+    KnnCheck(config, records, logs=logs).attach(trainer)
     if logs is None:
         return None
     logs.attach(trainer)

@@ -71,7 +71,10 @@ class PredictionTable:
     def select(self, fraction: float, trial: int) -> PredictionTable:
         """Rows of one (fraction, trial), ordered by id (so trials align image by image)."""
         mask = (self.trial == trial) & np.isclose(self.fraction, fraction)
-        order = np.flatnonzero(mask)[np.argsort(self.ids[mask], kind="stable")]
+        return self.take(np.flatnonzero(mask)[np.argsort(self.ids[mask], kind="stable")])
+
+    def take(self, order: np.ndarray) -> PredictionTable:
+        """The rows at positions ``order`` (an int index array), in that order."""
         return PredictionTable(self.classes, self.ids[order], self.split[order], self.trial[order],
                                self.fraction[order], self.y_true[order], self.y_pred[order], self.probs[order],
                                self.patient_ids[order], self.lesion_ids[order])

@@ -29,7 +29,7 @@ Thresholds (each a documented rule of thumb, not a statistical test):
 - trials disagree: the std over trials of the balanced accuracy exceeds :data:`TRIAL_STD_THRESHOLD` (0.10 = 10
   points); trials share the test set, so such a spread means the label subset or the seed decides the result.
 - not above random init: the paired bootstrap difference (learned - random init, balanced accuracy, same test
-  images, :func:`medssl.evaluation.report.paired_comparisons`) has a 95 % CI whose lower end is not positive.
+  images, :func:`medssl.evaluation.paired.paired_comparisons`) has a 95 % CI whose lower end is not positive.
 - SSL run, embedding spread falls steadily: the ``collapse_std`` values of metrics.jsonl, cut into
   :data:`SPREAD_SEGMENTS` (4) consecutive segments, have strictly falling segment means and the last is below
   :data:`SPREAD_FALL_RATIO` (0.75) of the first (the issue's run went 0.044 -> 0.028, ratio 0.64).
@@ -296,11 +296,12 @@ def run_baselines(eval_dir: str | os.PathLike[str], data: str | os.PathLike[str]
       multinomial logistic regression on the downsampled pixels.
 
     Then the paired comparison of EVAL_DIR against its random init is made
-    (:func:`medssl.evaluation.report.paired_comparisons`), its ``not_above_random_init`` flags are added to
+    (:func:`medssl.evaluation.paired.paired_comparisons`), its ``not_above_random_init`` flags are added to
     EVAL_DIR/results.json (``flags``; ``baselines`` lists the folders) and report.md is rewritten. Costs about
     one more evaluation of the backbone, plus a cheap linear probe. Returns the baseline folders.
     """
-    from medssl.evaluation.report import load_evaluation, paired_comparisons, write_eval_report
+    from medssl.evaluation.paired import paired_comparisons
+    from medssl.evaluation.report import load_evaluation, write_eval_report
     from medssl.evaluation.run import run_evaluation
 
     eval_dir = Path(eval_dir)

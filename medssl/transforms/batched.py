@@ -28,13 +28,7 @@ from torch import nn
 
 from medssl.transforms.intensity import center_crop
 from medssl.transforms.multiview import as_rgb_view
-from medssl.transforms.presets import (
-    AugmentSpec,
-    build_base_transform,
-    get_spec,
-    multicrop_options,
-    view_specs,
-)
+from medssl.transforms.presets import AugmentSpec, build_base_transform, get_spec, view_plan
 from medssl.transforms.ssl import blur_kernel_size
 
 
@@ -92,14 +86,7 @@ class BatchedSSLAugment(nn.Module):
         if num_views < 1:
             raise ValueError("num_views must be >= 1")
         spec = get_spec(modality)
-        if multicrop:
-            opts = multicrop_options(multicrop, image_size)
-            global_specs = view_specs(replace(spec, crop_scale=tuple(opts["global_scale"])), num_views, view_recipe)
-            local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
-            specs = [(s, image_size) for s in global_specs]
-            specs += [(local_spec, int(opts["local_size"]))] * int(opts["num_local"])
-        else:
-            specs = [(s, image_size) for s in view_specs(spec, num_views, view_recipe)]
+        specs = view_plan(spec, image_size, num_views, multicrop, view_recipe)
         self.views = nn.ModuleList([build_kornia_view(s, size) for s, size in specs])
         self.gray_views = nn.ModuleList([build_kornia_view(gray_spec(s), size) for s, size in specs])
 

@@ -50,8 +50,9 @@ def to_three_channels(x: torch.Tensor, force_gray: bool = False) -> torch.Tensor
     raise MedsslError(f"cannot make 3 channels from an image with {x.shape[0]} channels")
 
 
-def resize_shorter_side(x: torch.Tensor, size: int, *, only_shrink: bool = False) -> torch.Tensor:
-    """Resize (C, H, W) so its shorter side is ``size`` px (bilinear, antialiased), keeping the aspect ratio."""
+def resize_shorter_side(x: torch.Tensor, size: int, *, only_shrink: bool = False, clamp: bool = True) -> torch.Tensor:
+    """Resize (C, H, W) so its shorter side is ``size`` px (bilinear, antialiased), keeping the aspect ratio;
+    ``clamp`` clips the result to [0, 1] (off for values in native units)."""
     h, w = x.shape[-2:]
     if only_shrink and min(h, w) <= size:
         return x
@@ -60,7 +61,7 @@ def resize_shorter_side(x: torch.Tensor, size: int, *, only_shrink: bool = False
     if new == (h, w):
         return x
     out = F.interpolate(x[None], size=new, mode="bilinear", align_corners=False, antialias=True)[0]
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(0.0, 1.0) if clamp else out
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -118,7 +119,7 @@ class ScaleToUnitd(MapTransform):
             if self.force_gray and t.shape[0] == 3:
                 t = rgb_to_gray(t)
             if self.shorter_side is not None:
-                t = _shrink(t, self.shorter_side)
+                t = resize_shorter_side(t, self.shorter_side, only_shrink=True, clamp=False)
             if high > low:
                 t = t.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)  # t is ours: clamp/gray/shrink copied
             if self.three_channels:
@@ -147,12 +148,3 @@ def _float_tensor(x: Any) -> torch.Tensor:
         return torch.from_numpy(arr)
     return torch.from_numpy(arr.astype(np.float32))
 
-
-def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`resize_shorter_side` with ``only_shrink``, without its [0, 1] clamp (values are native units)."""
-    h, w = x.shape[-2:]
-    if min(h, w) <= size:
-        return x
-    scale = size / min(h, w)
-    new = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(x[None], size=new, mode="bilinear", align_corners=False, antialias=True)[0]

@@ -201,6 +201,19 @@ def multicrop_options(multicrop: int | Mapping[str, Any], image_size: int) -> di
     return opts
 
 
+def view_plan(spec: AugmentSpec, image_size: int, num_views: int,
+              multicrop: int | Mapping[str, Any] | None = None,
+              view_recipe: str | None = None) -> list[tuple[AugmentSpec, int]]:
+    """``(spec, size)`` of every view, global views (:func:`view_specs`) then SwAV local ones; shared by the
+    per-sample and the batched (:mod:`medssl.transforms.batched`) paths."""
+    if not multicrop:
+        return [(s, image_size) for s in view_specs(spec, num_views, view_recipe)]
+    opts = multicrop_options(multicrop, image_size)
+    global_specs = view_specs(replace(spec, crop_scale=tuple(opts["global_scale"])), num_views, view_recipe)
+    local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
+    return [(s, image_size) for s in global_specs] + [(local_spec, int(opts["local_size"]))] * int(opts["num_local"])
+
+
 def build_ssl_transform(
     modality: str,
     image_size: int,
@@ -225,15 +238,7 @@ def build_ssl_transform(
         raise ValueError("num_views must be >= 1")
     spec = get_spec(modality)
     base = build_base_transform(modality, 2 * image_size if base_shorter_side == -1 else base_shorter_side)
-    views: list[Callable] = []
-    if multicrop:
-        opts = multicrop_options(multicrop, image_size)
-        global_specs = view_specs(replace(spec, crop_scale=tuple(opts["global_scale"])), num_views, view_recipe)
-        local_spec = replace(spec, crop_scale=tuple(opts["local_scale"]))
-        views = [build_view_transform(s, image_size) for s in global_specs]
-        views += [build_view_transform(local_spec, int(opts["local_size"])) for _ in range(int(opts["num_local"]))]
-    else:
-        views = [build_view_transform(s, image_size) for s in view_specs(spec, num_views, view_recipe)]
+    views = [build_view_transform(s, size) for s, size in view_plan(spec, image_size, num_views, multicrop, view_recipe)]
     transform = SSLTransform(base, MultiViewd(views))
     transform.set_random_state(seed=int(np.random.randint(MAX_SEED)))
     return transform

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medssl.data.verify import pixel_problem
 from medssl.errors import MedsslError
 
 STORE_FORMAT = "medssl-prepared-store"
@@ -107,10 +108,9 @@ def store_dtype_for(x: np.ndarray, low: float, high: float) -> str:
 def encode_pixels(x: np.ndarray, rng: tuple[float, float], max_size_px: int) -> np.ndarray:
     """The stored ``(C, H', W')`` uint8/uint16 codes of a reader output ``x`` with range ``rng`` (the codec)."""
     x = np.asarray(x)
-    if x.ndim != 3 or x.shape[0] not in (1, 3) or min(x.shape) < 1:
-        raise MedsslError(f"decoded to an array of shape {tuple(x.shape)}, not (C, H, W) with C = 1 or 3")
-    if not np.isfinite(x).all():
-        raise MedsslError("decoded pixels contain NaN or infinite values")
+    problem = pixel_problem(x)
+    if problem:
+        raise MedsslError(problem)
     if x.shape[0] == 3 and np.array_equal(x[0], x[1]) and np.array_equal(x[0], x[2]):
         x = x[:1]
     low, high = float(rng[0]), float(rng[1])

@@ -78,12 +78,15 @@ def clean_stale_tmp(folder: str | os.PathLike[str], *, name: str | None = None,
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, file_mode: int | None = None,
+                **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically.
 
     Args:
         path: destination file. Its parent folder is created if needed.
         mode: ``"w"`` (text, UTF-8) or ``"wb"`` (binary).
+        file_mode: permissions of the written file (e.g. ``0o600`` for a private file: the temporary file is
+            created 0600 and never widened); None = the usual ``0666 & ~umask``.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
@@ -105,7 +108,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        # mkstemp makes 0600 files: give the usual permissions, or keep a private file private
+        os.chmod(tmp, (0o666 & ~_umask()) if file_mode is None else file_mode)
         os.replace(tmp, dest)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -116,12 +120,18 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         raise
 
 
-def _disk_full(dest: Path, exc: BaseException) -> MedsslError | None:
-    """The one-line error for a full disk (``exc`` or its recorded cause), else None."""
+def disk_full_error(dest: str | os.PathLike[str], exc: BaseException, *, note: str = "") -> MedsslError | None:
+    """The one-line error ``disk full writing DEST (reason<note>)`` when ``exc`` (or its recorded cause) is
+    ENOSPC/EDQUOT, else None."""
     cause = getattr(exc, "medssl_write_error", None) or exc
     if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
-        return MedsslError(f"disk full writing {dest} ({os.strerror(cause.errno)}; the previous file is intact)")
+        return MedsslError(f"disk full writing {dest} ({os.strerror(cause.errno)}{note})")
     return None
+
+
+def _disk_full(dest: Path, exc: BaseException) -> MedsslError | None:
+    """:func:`disk_full_error` of an atomic write (the file it replaces is untouched)."""
+    return disk_full_error(dest, exc, note="; the previous file is intact")
 
 
 def _umask() -> int:

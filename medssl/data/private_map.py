@@ -17,16 +17,15 @@ report folders. Manifests without a map (written before it existed, or by hand) 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medssl.errors import MedsslError
+from medssl.io import atomic_open
 
 PRIVATE_SUFFIX = ".private.jsonl"
 #: record fields that hold a source path and therefore live in the private map, never in the manifest
@@ -101,19 +100,8 @@ def write_private_map(
 
 def write_private_text(path: Path, text: str) -> None:
     """Atomic write readable by the owner only (the temporary file is created 0600 and never widened)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, PRIVATE_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", file_mode=PRIVATE_FILE_MODE) as fh:
+        fh.write(text)
 
 
 def read_private_map(public_path: str | os.PathLike[str]) -> PrivateMap | None:

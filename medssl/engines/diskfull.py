@@ -7,19 +7,18 @@ dropped when the run resumes (:meth:`medssl.engines.handlers.MetricsJsonl.trunca
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from medssl.errors import MedsslError
-from medssl.io import DISK_FULL_ERRNOS
+from medssl.io import disk_full_error
 
 
 def raise_if_disk_full(path: str | Path, exc: BaseException) -> None:
     """Raise ``MedsslError("disk full writing PATH (...)")`` from ``exc`` when it is ENOSPC/EDQUOT; else
     return."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-        raise MedsslError(f"disk full writing {path} ({os.strerror(exc.errno)})") from exc
+    error = disk_full_error(path, exc) if isinstance(exc, OSError) else None
+    if error is not None:
+        raise error from exc
 
 
 class _KeptErrors:

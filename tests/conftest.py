@@ -74,3 +74,21 @@ def write_image_folder(root: Path, *, height: int, width: int, seed: int, per_cl
             image = (rng.random((height, width, 3)) * 255).astype(np.uint8)
             imsave(root / label / f"{i}.png", image, check_contrast=False)
     return root
+
+
+@pytest.fixture
+def finetune_runs(monkeypatch) -> list:
+    """``(model, record)`` of every ``finetune_once`` call during the test (the trained network and its
+    training record), recorded by wrapping the real function."""
+    import medssl.evaluation.protocols.finetune as ft
+
+    calls: list = []
+    original = ft.finetune_once
+
+    def spy(model, *args, **kwargs):
+        record = original(model, *args, **kwargs)
+        calls.append((model, record))
+        return record
+
+    monkeypatch.setattr(ft, "finetune_once", spy)
+    return calls

@@ -218,18 +218,8 @@ def test_balanced_accuracy_has_one_definition_equal_to_sklearn():
     assert not [p for p, text in sources.items() if others.search(text)]
 
 
-def test_finetune_selects_by_sklearn_balanced_accuracy_with_a_class_absent_from_val(tmp_path, monkeypatch):
-    import medssl.evaluation.protocols.finetune as ft
-
-    trained = []
-    original = ft.finetune_once
-
-    def spy(model, *args, **kwargs):
-        record = original(model, *args, **kwargs)
-        trained.append((model, record))
-        return record
-
-    monkeypatch.setattr(ft, "finetune_once", spy)
+def test_finetune_selects_by_sklearn_balanced_accuracy_with_a_class_absent_from_val(tmp_path, finetune_runs):
+    trained = finetune_runs
     recs = _records((12, 8, 6), labels={"val": ("a", "b")})  # class c absent from val
     out = run_evaluation("synthetic", tmp_path / "ft", backbone=_tiny(), records=recs, transform=_transform,
                          transform_desc="synthetic-v1", protocol="finetune", fractions=[1.0], trials=1, epochs=2,

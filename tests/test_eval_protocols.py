@@ -129,21 +129,11 @@ def test_label_fraction_subsets_are_nested_stratified_and_differ_between_trials(
     assert set(subsets[(0, 0.1)].tolist()) != set(subsets[(1, 0.1)].tolist())
 
 
-def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tmp_path, monkeypatch):
-    import medssl.evaluation.protocols.finetune as ft
-
+def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tmp_path, finetune_runs):
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_stem=True, widen_factor=0.125)
     before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    trained = []
-    original = ft.finetune_once
-
-    def spy(model, *args, **kwargs):
-        record = original(model, *args, **kwargs)
-        trained.append((model, record))
-        return record
-
-    monkeypatch.setattr(ft, "finetune_once", spy)
+    trained = finetune_runs
     recs = _records((12, 6, 6))
     out = run_evaluation("synthetic", tmp_path / "ft", backbone=backbone, records=recs, transform=_transform,
                          transform_desc="synthetic-v1", protocol="finetune", fractions=[1.0], trials=1,

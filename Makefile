@@ -20,4 +20,4 @@ demo: install
 	$(PYTHON) -m medssl demo --out $(DEMO_OUT)
 
 lint: install
-	$(PYTHON) -m ruff check medssl tests benchmarks
+	$(PYTHON) -m ruff check medssl tests benchmarks studies

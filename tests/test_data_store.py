@@ -118,6 +118,15 @@ def test_store_record_is_a_zero_copy_view_and_evaluates_like_the_source(real_sto
     assert image.shape == (3, 32, 32) and 0 <= float(image.min()) <= float(image.max()) <= 1
 
 
+def test_a_store_folder_reads_as_its_manifest(real_store):
+    """``records_from_path(STORE)`` (pretraining, evaluation, studies given the folder) = its manifest.jsonl,
+    not a scan of the shard files."""
+    from medssl.data.sources import records_from_path
+
+    _, store, _ = real_store
+    assert records_from_path(store) == read_manifest(store / "manifest.jsonl") != []
+
+
 def test_eight_bit_image_at_full_size_is_stored_exactly(tmp_path):
     from skimage.io import imsave
 

@@ -129,7 +129,8 @@ def test_label_fraction_subsets_are_nested_stratified_and_differ_between_trials(
     assert set(subsets[(0, 0.1)].tolist()) != set(subsets[(1, 0.1)].tolist())
 
 
-def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tmp_path, finetune_runs):
+def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tmp_path, finetune_runs, caplog):
+    caplog.set_level("INFO", logger="medssl")
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", small_stem=True, widen_factor=0.125)
     before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
@@ -144,6 +145,9 @@ def test_finetune_trains_a_copy_of_the_whole_network_and_tests_the_best_epoch(tm
     conv = "extractor.backbone.conv1.weight"
     assert not torch.equal(model.state_dict()[conv], before["conv1.weight"])  # the whole network was trained
     assert 1 <= record["best_epoch"] <= 3
+    # images/s and ETA log lines without a progress bar: 12 images / batch 6 x 3 epochs = 6 steps, last at 6/6
+    rates = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning step ")]
+    assert rates and rates[-1].startswith("fine-tuning step 6/6: ") and "images/s, ETA 0:00:00" in rates[-1]
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["lr"] == 3e-4 and res["config"]["weight_decay"] == 1e-4
     # the restored best-epoch model reproduces its validation score and the saved test predictions

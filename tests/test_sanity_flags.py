@@ -155,6 +155,16 @@ def test_probe_collapsed_to_one_class_is_flagged_in_results_and_report(tmp_path)
     assert "flags" in res["definitions"]
     report = (out / "report.md").read_text()
     assert "## Sanity flags" in report and "(!) degenerate_probe" in report
+    # in a comparison the degenerate cell is named, not printed as a number; the CSV keeps the number
+    compare_evaluations([out], tmp_path / "cmp")
+    row = next(line for line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+               if line.startswith("| constant |"))
+    assert row == "| constant | degenerate (2/2 trials) (!) |"
+    import csv
+
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as fh:
+        saved = next(csv.DictReader(fh))
+    assert saved["degenerate_trials"] == "2" and 0 < float(saved["balanced_accuracy_mean"]) <= 0.5
     # the rule on a hand-made confusion matrix: 65 % of predictions on a class holding 5 % of the images
     cm = [[20, 0, 10], [0, 4, 1], [0, 0, 0]]  # rows true, columns predicted: no class dominates
     cm_rare = [[5, 0, 60], [0, 30, 0], [0, 0, 5]]  # 65 of 100 predicted c, 5 % are c
@@ -208,3 +218,74 @@ def test_random_init_rule_on_paired_rows():
     flags = random_init_flags(rows, ["Random"])
     assert [(f["name"], f["difference"]) for f in flags] == [("P2X", 0.02)]
     assert (flags[0]["ci_low"], flags[0]["ci_high"]) == (-0.01, 0.06)
+
+
+def test_a_pretraining_flag_is_reported_once_in_a_comparison(tmp_path):
+    """A collapsing run evaluated (its flag copied into results.json) and also named as a pretraining run of the
+    comparison gives one ``collapse_warning``, not one per source."""
+    from types import SimpleNamespace
+
+    from medssl.evaluation.sanity import comparison_flags
+
+    run = tmp_path / "p1x"
+    run.mkdir()
+    metrics = MetricsJsonl(run / "metrics.jsonl")
+    monitor = CollapseMonitor(sink=metrics.write)
+    method = build_method("simclr", ConstantBackbone())
+    for it in range(1, 3):
+        out = method([torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)])
+        monitor.update(out["embeddings"], iteration=it, epoch=1)
+    own = pretraining_flags(run)
+    assert [f["flag"] for f in own] == ["collapse_warning"]
+    ev = SimpleNamespace(name="P1X", path=tmp_path / "eval", summary=[],
+                         results={"flags": own, "backbone": {"arch": "resnet18", "source": "checkpoint"}})
+    flags = comparison_flags([ev], [], pretrain_runs=[run])
+    assert [f["flag"] for f in flags] == ["collapse_warning"] and flags[0]["message"] == own[0]["message"]
+    twice = comparison_flags([ev, SimpleNamespace(**{**vars(ev), "name": "P1X again"})], [])
+    assert [f["message"] for f in twice] == [f"P1X: {own[0]['message']}"]
+    # a copy stored by an older evaluation of a run listed in the comparison is replaced by the run's own flags
+    stale = SimpleNamespace(**{**vars(ev), "results": {**ev.results, "flags": [
+        {"flag": "collapse_warning", "message": "p1x: old wording", "run": str(run)}]}})
+    assert [f["message"] for f in comparison_flags([stale], [], pretrain_runs=[run / "metrics.jsonl"])] == \
+        [own[0]["message"]]
+
+
+def test_an_early_dip_of_the_spread_that_recovers_is_not_a_collapse(tmp_path):
+    """The shape measured on SimCLR from random init (PneumoniaMNIST, docs/results.md): the spread falls from
+    0.073 to 0.019 in the first steps, then rises to 0.073 as the run learns; the monitor warns during the dip.
+    The run is flagged only when the spread is still below the threshold at its end."""
+    healthy = 1 / math.sqrt(64)
+    limit = COLLAPSE_THRESHOLD * healthy
+    dip = np.concatenate([np.linspace(0.073, 0.019, 16), np.linspace(0.019, 0.073, 184)])
+    stays = np.concatenate([np.linspace(0.073, 0.019, 16), np.full(184, 0.015)])
+    found = {}
+    for name, spread in (("recovers", dip), ("stays", stays)):
+        run = tmp_path / name
+        run.mkdir()
+        metrics = MetricsJsonl(run / "metrics.jsonl")
+        for i, std in enumerate(spread, start=1):
+            metrics.write({"iteration": i, "epoch": 1, "loss": 5.0 - i / 100, "collapse_std": float(std)})
+            if std < limit:
+                metrics.write({"iteration": i, "epoch": 1, "warning": "collapse", "collapse_std": float(std),
+                               "healthy_std": healthy})
+        found[name] = [f["flag"] for f in pretraining_flags(run)]
+    assert "collapse_warning" not in found["recovers"]
+    assert "collapse_warning" in found["stays"]
+
+
+def test_swav_loss_at_ln_k_is_flagged_as_uniform_prototypes(tmp_path):
+    """ln K is the loss of uniform predictions whatever the codes (closed form); a SwAV run ending there is
+    flagged, one below it is not, and another method's loss at the same value is not judged by this rule."""
+    found = {}
+    for name, method, k, level in (("stuck", "swav", 30, math.log(30) - 0.005), ("learns", "swav", 30, 3.0),
+                                   ("default_k", "swav", None, math.log(3000)), ("simclr", "simclr", None, 8.0)):
+        run = _write_run(tmp_path / name, np.linspace(level + 0.4, level, 100))
+        options = {"num_prototypes": k} if k else {}
+        (run / "config.json").write_text(json.dumps({"method": method, "method_options": options}))
+        found[name] = [f["flag"] for f in pretraining_flags(run)]
+    assert "uniform_prototypes" in found["stuck"] and "uniform_prototypes" in found["default_k"]
+    assert "uniform_prototypes" not in found["learns"] and "uniform_prototypes" not in found["simclr"]
+    # the closed form the rule rests on: cross-entropy of any code distribution against uniform predictions
+    q = torch.softmax(torch.randn(5, 30), dim=1)
+    ce = -(q * torch.log_softmax(torch.zeros(5, 30), dim=1)).sum(1)
+    assert torch.allclose(ce, torch.full((5,), math.log(30)))

@@ -16,6 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "stopped; a changed setting reruns that stage and everything downstream. Writes OUT/report.md.")
     p.add_argument("config", metavar="CONFIG.yaml", help="study file (see docs/study.md)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the file's 'out')")
+    p.add_argument("--data", metavar="PATH", help="target data instead of the file's 'data' (the stages' hashes "
+                   "cover the data's content, not its location)")
+    p.add_argument("--first-stage-data", metavar="PATH", help="first-stage data instead of the file's "
+                   "'first_stage.data'")
     p.add_argument("--plan", action="store_true", help="print the stages and whether each is complete; run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars during pretraining")
     p.set_defaults(func=run_study_command)
@@ -27,7 +31,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     from medssl.study.runner import stage_complete
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_study_config(args.config, out=args.out)
+    config = load_study_config(args.config, out=args.out, data=args.data,
+                               first_stage_data=args.first_stage_data)
     if args.plan:
         stages = build_plan(config)
         for k, s in enumerate(stages, 1):

@@ -25,6 +25,7 @@ from medssl.data.readers.load import infer_source
 from medssl.data.readers.npz import NPZ_SPLITS, npz_split_info
 from medssl.data.readers.volume import ITK_SUFFIXES, load_ras_volume
 from medssl.data.readers.wsi import list_tile_records
+from medssl.data.store.layout import INDEX_NAME, MANIFEST_NAME
 from medssl.errors import MedsslError
 
 FOLDER_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | {".dcm"}
@@ -118,6 +119,7 @@ def records_from_path(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     - ``*.npz``: MedMNIST arrays, one record per image (``source="npz"``, ``index``, ``npz_split``);
     - ``*.svs`` (and other slide formats): tissue tiles of 224 px at level 0;
     - ``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.mha``: one record per non-empty axial slice;
+    - a prepared store (``medssl prepare``; a folder holding ``index.json``): its ``manifest.jsonl``;
     - an image file: one record; a folder: every image below it, labelled by first-level subfolder.
 
     Ids of inputs other than manifests are keyed with ``MEDSSL_DEID_KEY`` when it is set
@@ -129,6 +131,8 @@ def records_from_path(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise MedsslError("path not found", p)
     if p.is_file() and p.name.lower().endswith(".jsonl"):
         return read_manifest(p)
+    if p.is_dir() and (p / INDEX_NAME).is_file() and (p / MANIFEST_NAME).is_file():
+        return read_manifest(p / MANIFEST_NAME)
     pz = folder_pseudonymizer()
     if p.is_dir():
         return records_from_folder(p, pz)

@@ -188,17 +188,17 @@ def engine_total_steps(engine: Engine) -> int:
 
 
 def attach_throughput_log(engine: Engine, *, total_steps: int | None = None, world_size: int = 1,
-                          every_steps: int = 50, every_seconds: float = 30.0) -> None:
-    """Log images/s (all processes: one batch x ``world_size``) and ETA of a pretraining engine through
-    :class:`Throughput`, starting at the step the invocation begins from (a resume). ``total_steps`` None:
-    :func:`engine_total_steps` at the first step."""
+                          every_steps: int = 50, every_seconds: float = 30.0, what: str = "pretraining") -> None:
+    """Log images/s (all processes: one batch x ``world_size``) and ETA of a training engine (``what``:
+    pretraining, fine-tuning) through :class:`Throughput`, starting at the step the invocation begins from (a
+    resume). ``total_steps`` None: :func:`engine_total_steps` at the first step."""
     state: dict[str, Throughput] = {}
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _tick(eng: Engine) -> None:
         if "meter" not in state:
             total = total_steps if total_steps is not None else engine_total_steps(eng)
-            state["meter"] = Throughput("pretraining", total, start_step=eng.state.iteration - 1,
+            state["meter"] = Throughput(what, total, start_step=eng.state.iteration - 1,
                                         every_steps=every_steps, every_seconds=every_seconds)
         out = eng.state.output or {}
         loss = f", loss {float(out['loss']):.4g}" if isinstance(out, dict) and out.get("loss") is not None else ""

@@ -23,9 +23,13 @@ from medssl.errors import MedsslError
 logger = logging.getLogger("medssl.evaluation.components")
 
 
-def evaluation_arch_kwargs(small_stem: bool = False, widen_factor: float = 1.0) -> dict[str, Any]:
-    """``arch_kwargs`` of a randomly initialised backbone (options at their default are left out)."""
+def evaluation_arch_kwargs(small_stem: bool = False, widen_factor: float = 1.0,
+                           norm: str | None = None) -> dict[str, Any]:
+    """``arch_kwargs`` of a randomly initialised backbone (options at their default are left out; ``norm``:
+    ``"bn"`` builds a ResNetV2 with BatchNorm instead of GroupNorm)."""
     options: dict[str, Any] = {}
+    if norm == "bn":
+        options["norm"] = "bn"
     if small_stem:
         options["small_stem"] = True
     if float(widen_factor) != 1.0:
@@ -35,7 +39,8 @@ def evaluation_arch_kwargs(small_stem: bool = False, widen_factor: float = 1.0) 
 
 def evaluate_backbone(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                       backbone: str | os.PathLike[str] = "random", arch: str | None = None, small_stem: bool = False,
-                      widen_factor: float = 1.0, trust: bool = False, required_splits: Sequence[str] = (),
+                      widen_factor: float = 1.0, norm: str | None = None, trust: bool = False,
+                      required_splits: Sequence[str] = (),
                       **settings: Any) -> Path:
     """Evaluate ``backbone`` on ``data`` into EVAL_DIR ``out`` (:func:`medssl.evaluation.run.run_evaluation`).
 
@@ -43,8 +48,10 @@ def evaluate_backbone(data: str | os.PathLike[str], out: str | os.PathLike[str],
         data: labelled manifest or folder.
         out: EVAL_DIR.
         backbone: a checkpoint file, a weights-registry name (fetched into the cache) or ``"random"`` (then
-            ``arch`` (default resnet50), ``small_stem`` and ``widen_factor`` build it).
+            ``arch`` (default resnet50), ``small_stem``, ``widen_factor`` and ``norm`` build it).
         arch: forces the architecture of a checkpoint, or names the random one.
+        norm: random ResNetV2: ``"bn"`` builds it with BatchNorm instead of GroupNorm; otherwise
+            :class:`~medssl.evaluation.run.EvalConfig` ``norm`` (``"bn"``: GroupNorm -> BatchNorm, recalibrated).
         trust: allow pickled checkpoints that need arbitrary classes.
         required_splits: splits ``data`` must have (:func:`medssl.data.splits.require_splits`).
         **settings: other :class:`~medssl.evaluation.run.EvalConfig` fields (``protocol``, ``fractions``,
@@ -67,7 +74,12 @@ def evaluate_backbone(data: str | os.PathLike[str], out: str | os.PathLike[str],
     if arch is not None:
         settings["arch"] = arch
     if backbone == "random":
-        settings["arch_kwargs"] = evaluation_arch_kwargs(small_stem, widen_factor)
+        v2 = str(arch or "").startswith("resnetv2")  # random ResNetV2: norm picks its layers (GN or BN)
+        settings["arch_kwargs"] = evaluation_arch_kwargs(small_stem, widen_factor, norm if v2 else None)
+        if norm is not None and not v2:
+            settings["norm"] = norm
+    elif norm is not None:
+        settings["norm"] = norm
     elif settings.get("name") is None and Path(backbone).name == "backbone.safetensors":
         settings["name"] = Path(backbone).resolve().parent.name  # the run folder, e.g. pretrain_simclr
     logger.info("evaluating %s on %s (%s) -> %s", backbone, data, settings.get("protocol", "linear"), out)

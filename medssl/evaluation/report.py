@@ -211,8 +211,12 @@ def compare_evaluations(
     columns = sorted({(ev.dataset, b["fraction"]) for ev in evals for b in ev.summary})
     names = list(dict.fromkeys(ev.name for ev in evals))
     cells: dict[tuple[str, str, float], dict] = {}
+    degenerate: dict[tuple[str, str, float], set] = {}  # trials whose predictions are degenerate (sanity flags)
     csv_rows = []
     for ev in evals:
+        for f in report_flags(ev):
+            if f["flag"] == "degenerate_probe":
+                degenerate.setdefault((ev.name, ev.dataset, float(f["fraction"])), set()).add(f["trial"])
         for b in ev.summary:
             cells[(ev.name, ev.dataset, b["fraction"])] = b
             s = b["summary"]
@@ -221,7 +225,8 @@ def compare_evaluations(
                 "fraction": b["fraction"], "trials": len(b["trials"]), "test_images": b["n_test"],
                 **{f"{m}_{k}": s[m][k] for m in HEADLINE for k in ("mean", "std", "ci_low", "ci_high")},
                 "ci_unit": b["interval"]["unit"], "ci_clusters": b["interval"]["n_clusters"],
-                "ci_covers": b["interval"]["covers"], "ci_warning": b["interval"].get("warning") or ""})
+                "ci_covers": b["interval"]["covers"], "ci_warning": b["interval"].get("warning") or "",
+                "degenerate_trials": len(degenerate.get((ev.name, ev.dataset, float(b["fraction"])), ()))})
     header = "| initialisation | " + " | ".join(f"{d} {fraction_label(f)} ({_column_unit(cells, d, f)})"
                                                for d, f in columns) + " |"
     table = [header, "|---|" + "---|" * len(columns)]
@@ -229,12 +234,21 @@ def compare_evaluations(
         row = []
         for d, f in columns:
             b = cells.get((name, d, f))
-            flag = " (!)" if b is not None and b["interval"].get("warning") else ""
-            row.append("—" if b is None else f"{_cell(b['summary'], 'balanced_accuracy')} "
-                       f"{_ci(b['summary'], 'balanced_accuracy')}{flag}")
+            bad = len(degenerate.get((name, d, float(f)), ()))
+            flag = " (!)" if b is not None and (b["interval"].get("warning") or bad) else ""
+            if b is None:
+                row.append("—")
+            elif bad == len(b["trials"]):  # a degenerate result is flagged, not printed as a number
+                row.append(f"degenerate ({bad}/{bad} trials) (!)")
+            else:
+                row.append(f"{_cell(b['summary'], 'balanced_accuracy')} {_ci(b['summary'], 'balanced_accuracy')}{flag}")
         table.append(f"| {name} | " + " | ".join(row) + " |")
     warnings = dict.fromkeys(f"(!) {name}, {d} {fraction_label(f)}: {b['interval']['warning']}."
                              for (name, d, f), b in cells.items() if b["interval"].get("warning"))
+    warnings.update(dict.fromkeys(
+        f"(!) {name}, {d} {fraction_label(f)}: one class predicted for most test images in {len(trials)} of "
+        f"{len(cells[(name, d, f)]['trials'])} trials (degenerate_probe, Sanity flags); comparison.csv keeps "
+        "the numbers." for (name, d, f), trials in degenerate.items() if (name, d, f) in cells))
     table += [""] + list(warnings) if warnings else []
     paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed, cluster_by=cluster_by)
     comparison_md = "\n".join(table) + "\n"

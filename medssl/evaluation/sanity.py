@@ -4,7 +4,7 @@ Public functions (used by :func:`medssl.evaluation.run.run_evaluation`, ``medssl
 
 - :func:`probe_flags` (summary blocks, classes) -> flags ``degenerate_probe`` and ``best_epoch_first``;
 - :func:`trial_flags` (summary blocks) -> flags ``trials_disagree``;
-- :func:`pretraining_flags` (RUN_DIR or its ``metrics.jsonl``) -> flags ``collapse_warning``,
+- :func:`pretraining_flags` (RUN_DIR or its ``metrics.jsonl``) -> flags ``collapse_warning``, ``uniform_prototypes``,
   ``spread_falling`` and ``flat_loss``;
 - :func:`metrics_path_of_backbone` (checkpoint path) -> the ``metrics.jsonl`` of the run that wrote it, or None;
 - :func:`random_init_flags` (paired comparison rows, names of the random-init rows) -> ``not_above_random_init``;
@@ -36,8 +36,15 @@ Thresholds (each a documented rule of thumb, not a statistical test):
 - SSL run, loss does not move: ``|L_first - L_last| / max(|L_first|, |L_last|, 1e-3) <`` :data:`FLAT_LOSS_RELATIVE`
   (0.02), with ``L_first``/``L_last`` the mean loss over the first/last :data:`LOSS_WINDOW_FRACTION` (10 %, at
   least one line) of the logged steps (the smoothing); at least :data:`MIN_LOSS_LINES` (10) lines needed.
+- SwAV run, uniform prototypes: the mean loss over the last :data:`LOSS_WINDOW_FRACTION` of the logged steps is
+  at least ``(1 -`` :data:`UNIFORM_LOSS_RELATIVE` ``) ln K``: the cross-entropy of any codes against uniform
+  predictions is exactly ln K, the plateau SwAV sits on when it does not learn (K = 3000 on 28-32 px data,
+  docs/results.md; the SwAV authors' issue tracker reports the same plateau on CIFAR-10 and ImageNet subsets).
 - SSL run, collapse warning: metrics.jsonl holds ``"warning": "collapse"`` lines of the collapse monitor, whose
-  threshold (:data:`medssl.engines.handlers.COLLAPSE_THRESHOLD`) is justified by the measurement in that module.
+  threshold (:data:`medssl.engines.handlers.COLLAPSE_THRESHOLD`) is justified by the measurement in that module,
+  and the mean ``collapse_std`` over the last :data:`LOSS_WINDOW_FRACTION` of the logged steps is still below it.
+  A dip that recovers is not flagged: SimCLR from random init on PneumoniaMNIST (docs/results.md) went 0.073 ->
+  0.019 in its first 16 steps (the monitor warned) and back to 0.073 while its kNN accuracy rose 0.855 -> 0.902.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ SPREAD_SEGMENTS = 4
 SPREAD_FALL_RATIO = 0.75
 FLAT_LOSS_RELATIVE = 0.02
 LOSS_WINDOW_FRACTION = 0.1
+UNIFORM_LOSS_RELATIVE = 0.01
 MIN_LOSS_LINES = 10
 
 FLAG_DEFINITIONS = {
@@ -77,9 +85,15 @@ FLAG_DEFINITIONS = {
     "not_above_random_init": "the paired difference in balanced accuracy (learned - random init of the same "
                              "architecture, same test images) has a 95% CI whose lower end is not positive",
     "collapse_warning": "the collapse monitor logged embedding std below "
-                        f"{COLLAPSE_THRESHOLD:g} / sqrt(D) during pretraining",
+                        f"{COLLAPSE_THRESHOLD:g} / sqrt(D) during pretraining and the mean std over the last "
+                        f"{LOSS_WINDOW_FRACTION:.0%} of the logged steps is still below it (a dip that recovers is "
+                        "not flagged: from random init the embeddings of a run that learns first contract, then "
+                        "spread; docs/results.md)",
     "spread_falling": f"the collapse statistic falls in each of {SPREAD_SEGMENTS} consecutive segments of the run "
                       f"and ends below {SPREAD_FALL_RATIO:g} x its first segment",
+    "uniform_prototypes": f"SwAV: the loss over the last {LOSS_WINDOW_FRACTION:.0%} of logged steps is within "
+                          f"{UNIFORM_LOSS_RELATIVE:.0%} of ln K (K prototypes): the predictions are uniform over "
+                          "the prototypes, the swapped-prediction loss gives no learning signal",
     "flat_loss": f"the loss averaged over the last {LOSS_WINDOW_FRACTION:.0%} of logged steps differs from the "
                  f"first {LOSS_WINDOW_FRACTION:.0%} by less than {FLAT_LOSS_RELATIVE:.0%} (relative)",
 }
@@ -169,12 +183,17 @@ def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     lines = read_metrics_lines(path)
     flags = []
     warnings = [o for o in lines if o.get("warning") == "collapse"]
+    spread = _series(lines, "collapse_std")
     if warnings:
         low = min(float(o["collapse_std"]) for o in warnings)
-        flags.append(_flag("collapse_warning", f"{path.parent.name}: {len(warnings)} steps with embedding std "
-                           f"below {COLLAPSE_THRESHOLD:g}/sqrt(D) (lowest {low:.3g})", run=str(path.parent),
-                           steps=len(warnings)))
-    spread = _series(lines, "collapse_std")
+        limit = COLLAPSE_THRESHOLD * float(warnings[-1].get("healthy_std") or 0.0)
+        tail = spread[-max(1, int(round(LOSS_WINDOW_FRACTION * len(spread)))):] if len(spread) else np.array([low])
+        end = float(tail.mean())
+        if not limit or end < limit:  # still collapsed at the end (an early dip that recovers is not flagged)
+            flags.append(_flag("collapse_warning", f"{path.parent.name}: {len(warnings)} steps with embedding std "
+                               f"below {COLLAPSE_THRESHOLD:g}/sqrt(D) (lowest {low:.3g}; {end:.3g} over the last "
+                               f"{LOSS_WINDOW_FRACTION:.0%} of the run)", run=str(path.parent),
+                               steps=len(warnings)))
     if len(spread) >= SPREAD_SEGMENTS * 2:
         means = [float(s.mean()) for s in np.array_split(spread, SPREAD_SEGMENTS)]
         if all(b < a for a, b in zip(means, means[1:])) and means[-1] < SPREAD_FALL_RATIO * means[0]:
@@ -182,6 +201,13 @@ def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
                                f"({means[0]:.3g} -> {means[-1]:.3g} over {len(spread)} logged steps)",
                                run=str(path.parent), segment_means=means))
     loss = _series(lines, "loss")
+    prototypes = swav_prototypes(path.parent)
+    if prototypes and len(loss):
+        end = float(loss[-max(1, int(round(LOSS_WINDOW_FRACTION * len(loss)))):].mean())
+        if end >= (1 - UNIFORM_LOSS_RELATIVE) * math.log(prototypes):
+            flags.append(_flag("uniform_prototypes", f"{path.parent.name}: the SwAV loss ends at {end:.4g}, ln K = "
+                               f"{math.log(prototypes):.4g} for K = {prototypes} prototypes: uniform predictions, "
+                               "no learning signal (fewer prototypes; see docs/results.md)", run=str(path.parent)))
     if len(loss) >= MIN_LOSS_LINES:
         window = max(1, int(round(LOSS_WINDOW_FRACTION * len(loss))))
         first, last = float(loss[:window].mean()), float(loss[-window:].mean())
@@ -191,6 +217,24 @@ def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
                                f"{last:.4g}, relative change {relative:.2%} over {len(loss)} logged steps)",
                                run=str(path.parent), relative_change=relative))
     return flags
+
+
+def swav_prototypes(run_dir: str | os.PathLike[str]) -> int | None:
+    """K of a SwAV run (RUN_DIR/config.json: ``method_options.num_prototypes``, else the method's default),
+    None for other methods or an unreadable config."""
+    import inspect
+
+    from medssl.methods.swav import SwAV
+
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("method") != "swav":
+        return None
+    options = config.get("method_options") if isinstance(config.get("method_options"), dict) else {}
+    k = options.get("num_prototypes", inspect.signature(SwAV).parameters["num_prototypes"].default)
+    return int(k) if isinstance(k, int) and not isinstance(k, bool) and k > 1 else None
 
 
 def metrics_path_of_backbone(backbone: Any) -> Path | None:
@@ -368,19 +412,35 @@ def with_baselines(evals: list[Any], cluster_by: str | None) -> list[Any]:
     return out
 
 
+#: flags computed from a pretraining run's metrics.jsonl (:func:`pretraining_flags`)
+PRETRAINING_FLAGS = ("collapse_warning", "uniform_prototypes", "spread_falling", "flat_loss")
+
+
+def _run_dir(run: str | os.PathLike[str]) -> Path:
+    path = Path(run)
+    return (path.parent if path.name == "metrics.jsonl" else path).resolve()
+
+
 def comparison_flags(evals: Sequence[Any], paired: Sequence[dict], pretrain_runs: Sequence = ()) -> list:
     """Sanity flags of a comparison: each evaluation's own (:func:`report_flags`, prefixed with its name),
     learned backbones not above the random init of the same architecture (paired rows), and the pretraining
-    runs' flags (``--pretrain-runs``)."""
-    flags = []
+    runs' flags (``--pretrain-runs``), recomputed from their metrics.jsonl (an evaluation's stored copy of a
+    listed run's flags is dropped: the run may have been continued since)."""
+    keyed = []  # (flag kind, message before any prefix): a pretraining run's flag is reported once, whether it
+    # comes from an evaluation of its backbone, from several, or from ``pretrain_runs``
+    fresh = {_run_dir(r) for r in pretrain_runs}  # recomputed below: their flags stored by an evaluation are stale
     for ev in evals:
         for f in report_flags(ev):
+            if f["flag"] in PRETRAINING_FLAGS and f.get("run") and _run_dir(f["run"]) in fresh:
+                continue
             if f["flag"] != "not_above_random_init":
-                flags.append({**f, "message": f"{ev.name}: {f['message']}"})
+                keyed.append(((f["flag"], f["message"]), {**f, "message": f"{ev.name}: {f['message']}"}))
     arch = {ev.name: ev.results.get("backbone", {}).get("arch") for ev in evals}
     random_names = [ev.name for ev in evals if ev.results.get("backbone", {}).get("source") == "random"]
     same_arch = [r for r in paired if arch.get(r["a"]) == arch.get(r["b"])]
-    flags += random_init_flags(same_arch, random_names)
-    for run in pretrain_runs:
-        flags += pretraining_flags(run)
-    return list({f["message"]: f for f in flags}.values())
+    flags = random_init_flags(same_arch, random_names) + [f for run in pretrain_runs for f in pretraining_flags(run)]
+    keyed += [((f["flag"], f["message"]), f) for f in flags]
+    unique: dict[tuple[str, str], dict] = {}
+    for key, f in keyed:
+        unique.setdefault(key, f)
+    return list(unique.values())

@@ -188,8 +188,10 @@ def _initialisations(path: Path, base: Path, raw: Any) -> list[Initialisation]:
     return out
 
 
-def load_study_config(path: str | Path, *, out: str | Path | None = None) -> StudyConfig:
-    """Read and validate a study file; ``out`` overrides its ``out``.
+def load_study_config(path: str | Path, *, out: str | Path | None = None, data: str | Path | None = None,
+                      first_stage_data: str | Path | None = None) -> StudyConfig:
+    """Read and validate a study file; ``out``, ``data`` and ``first_stage_data`` (relative to the current
+    folder) override its ``out``, ``data`` and ``first_stage.data``.
 
     Raises:
         MedsslError: unreadable YAML, unknown keys, wrong types, missing files (one line: file and key).
@@ -205,11 +207,15 @@ def load_study_config(path: str | Path, *, out: str | Path | None = None) -> Stu
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise MedsslError(f"not valid YAML{where} ({getattr(exc, 'problem', None) or exc})", path) from exc
-    return study_config_from_dict(raw, path, out=out)
+    return study_config_from_dict(raw, path, out=out, data=data, first_stage_data=first_stage_data)
 
 
-def study_config_from_dict(raw: Any, path: str | Path, *, out: str | Path | None = None) -> StudyConfig:
-    """Validate a study given as a dict (``path``: the file it stands for; relative paths start at its folder)."""
+def study_config_from_dict(raw: Any, path: str | Path, *, out: str | Path | None = None,
+                           data: str | Path | None = None,
+                           first_stage_data: str | Path | None = None) -> StudyConfig:
+    """Validate a study given as a dict (``path``: the file it stands for; relative paths start at its folder).
+    ``out``, ``data`` and ``first_stage_data`` replace the file's values (paths relative to the current folder);
+    the data hashes of the stages cover the data's content, not its location, so a moved dataset keeps them."""
     from medssl.engines.config import METHODS, PretrainConfig
     from medssl.evaluation.run import PROTOCOLS, EvalConfig
 
@@ -220,6 +226,12 @@ def study_config_from_dict(raw: Any, path: str | Path, *, out: str | Path | None
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise _fail(path, unknown[0], f"unknown key (allowed: {', '.join(TOP_KEYS)})")
+    if data is not None:
+        raw = {**raw, "data": str(Path(data).expanduser().resolve())}
+    if first_stage_data is not None:
+        if not isinstance(raw.get("first_stage"), dict):
+            raise _fail(path, "first_stage", "missing: --first-stage-data needs a first_stage section")
+        raw = {**raw, "first_stage": {**raw["first_stage"], "data": str(Path(first_stage_data).expanduser().resolve())}}
     if "data" not in raw:
         raise _fail(path, "data", "missing: name the target data (manifest, prepared store or folder)")
     if out is None and "out" not in raw:
@@ -232,9 +244,12 @@ def study_config_from_dict(raw: Any, path: str | Path, *, out: str | Path | None
                 raise _fail(path, key, f"must be {kind.__name__}, not {raw[key]!r}")
             setattr(cfg, key, raw[key])
     network = _mapping(path, "network", raw.get("network"))
-    bad = sorted(set(network) - {"arch", "widen_factor", "small_stem"})
+    bad = sorted(set(network) - {"arch", "widen_factor", "small_stem", "norm"})
     if bad:
-        raise _fail(path, f"network.{bad[0]}", "unknown setting (allowed: arch, widen_factor, small_stem)")
+        raise _fail(path, f"network.{bad[0]}", "unknown setting (allowed: arch, widen_factor, small_stem, norm)")
+    if "norm" in network and (network["norm"] not in ("gn", "bn")
+                              or not str(network.get("arch", cfg.network["arch"])).startswith("resnetv2")):
+        raise _fail(path, "network.norm", "gn or bn, for a resnetv2_* architecture only (ResNet v1.5 has BatchNorm)")
     cfg.network.update(network)
     methods = raw.get("methods", ["simclr"])
     if isinstance(methods, list):

@@ -111,6 +111,8 @@ def build_plan(cfg: StudyConfig) -> list[Stage]:
     data_hash = {str(cfg.data): data_sha256(cfg.data)}
     net = {"arch": cfg.network["arch"], "small_stem": bool(cfg.network["small_stem"]),
            "widen_factor": float(cfg.network["widen_factor"])}
+    if cfg.network.get("norm") == "bn":  # ResNetV2 with BatchNorm (Lu et al.); gn is the architecture's default
+        net["norm"] = "bn"
     common = {"device": cfg.device}
 
     def add(stage: Stage) -> int:
@@ -187,6 +189,8 @@ def build_plan(cfg: StudyConfig) -> list[Stage]:
                 deps = []
                 if init.kind == "random":
                     settings.update(net, backbone="random")
+                    if net.get("norm") == "bn":  # untrained BatchNorm statistics (0, 1) are not the data's
+                        settings["recalibrate_bn"] = True
                     call["backbone"] = "random"
                 elif init.kind == "checkpoint":
                     settings.update({k: v for k, v in init.options.items() if k != "path"})

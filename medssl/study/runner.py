@@ -121,9 +121,9 @@ def _partial(folder: Path) -> Path:
 def _evaluate(stage: Stage, tmp: Path) -> None:
     from medssl.evaluation.components import evaluate_backbone
 
-    s = {k: v for k, v in stage.settings.items() if k not in ("data_sha256", "backbone", "arch", "small_stem",
-                                                                "widen_factor", "baselines")}
-    net = {k: stage.settings[k] for k in ("arch", "small_stem", "widen_factor") if k in stage.settings}
+    net_keys = ("arch", "small_stem", "widen_factor") + (("norm",) if stage.call["backbone"] == "random" else ())
+    s = {k: v for k, v in stage.settings.items() if k not in ("data_sha256", "backbone", "baselines") + net_keys}
+    net = {k: stage.settings[k] for k in net_keys if k in stage.settings}
     evaluate_backbone(stage.call["data"], tmp, backbone=stage.call["backbone"], **net, **s)
     if stage.settings.get("baselines"):
         from medssl.evaluation.sanity import run_baselines

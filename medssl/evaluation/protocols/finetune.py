@@ -27,6 +27,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from torch import nn
 
+from medssl.engines.handlers import attach_throughput_log
 from medssl.engines.scores import balanced_accuracy
 from medssl.errors import MedsslError
 from medssl.evaluation.checks import require_finite
@@ -114,6 +115,7 @@ def finetune_once(
         device=device, max_epochs=cfg["epochs"], train_data_loader=train_loader, network=model,
         optimizer=optimizer, loss_function=lambda pred, label: criterion(pred, label.long().view(-1)),
         decollate=False, train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True)])
+    attach_throughput_log(trainer, what="fine-tuning")  # images/s and ETA log lines, with or without a bar
     best: dict[str, Any] = {"value": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
 
     @evaluator.on(Events.COMPLETED)

@@ -4,7 +4,8 @@ For each study output folder (``medssl study ... --out OUT``), one Markdown tabl
 initialisation (sanity rows included), a column per protocol and label fraction with the test balanced accuracy
 ``mean [95 % CI]`` from ``report[/<protocol>]/comparison.csv`` (``degenerate (k/T)`` where every trial's
 predictions are degenerate, ``(!k/T)`` where some are: the report's ``degenerate_probe`` flags), then, for every learned row, its paired
-difference against the random init of the same architecture (``paired.csv``: difference [95 % CI], Holm p).
+difference against the random init of the same architecture (``paired.csv``: difference [95 % CI], Holm p;
+``(degenerate side)`` where either side has degenerate trials).
 Nothing is recomputed: the numbers are the study's own report.
 """
 
@@ -28,6 +29,7 @@ def _reports(out: Path) -> list[Path]:
 def study_table(out: Path) -> str:
     """The Markdown table of one study folder (see the module docstring)."""
     cells: dict[str, dict[str, str]] = {}
+    degenerate: set[tuple[str, str]] = set()
     columns: list[str] = []
     paired_lines = []
     for report in _reports(out):
@@ -36,6 +38,8 @@ def study_table(out: Path) -> str:
             if col not in columns:
                 columns.append(col)
             bad, trials = int(row.get("degenerate_trials") or 0), int(row["trials"])
+            if bad:
+                degenerate.add((row["name"], col))
             cells.setdefault(row["name"], {})[col] = f"degenerate ({bad}/{trials})" if bad == trials else (
                 f"{float(row['balanced_accuracy_mean']):.3f} [{float(row['balanced_accuracy_ci_low']):.3f}, "
                 f"{float(row['balanced_accuracy_ci_high']):.3f}]" + (f" (!{bad}/{trials})" if bad else ""))
@@ -51,8 +55,10 @@ def study_table(out: Path) -> str:
             sign = 1.0 if row["a"] == learned else -1.0
             low, high = sorted((sign * float(row["ci_low"]), sign * float(row["ci_high"])))
             protocol = protocol_of[row["a"]]
-            paired_lines.append(f"| {learned} - {random} | {protocol} {float(row['fraction']):.0%} | "
-                                f"{sign * float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}] | "
+            col = f"{protocol} {float(row['fraction']):.0%}"
+            note = " (degenerate side)" if {(learned, col), (random, col)} & degenerate else ""
+            paired_lines.append(f"| {learned} - {random} | {col} | "
+                                f"{sign * float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}]{note} | "
                                 f"{row['p_holm_display']} |")
     lines = [f"| initialisation | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | {' | '.join(c.get(col, '') for col in columns)} |" for name, c in cells.items()]

@@ -97,3 +97,24 @@ def test_network_norm_is_for_resnetv2_only(tmp_path: Path) -> None:
     raw["network"]["arch"] = "resnet18"
     with pytest.raises(MedsslError, match="network.norm"):
         load_study_config(_write(tmp_path / "study.yaml", raw))
+
+
+def test_committed_studies_validate_with_their_data_given_on_the_command_line(tmp_path: Path) -> None:
+    """``studies/*.yaml`` (docs/results.md) load with ``--data`` / ``--first-stage-data`` and name their paper
+    settings: each method's own optimiser (no study-wide lr or optimizer), 3 trials, kNN and the linear probe."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "pn.npz").touch()
+    (tmp_path / "store").mkdir()
+    files = sorted((repo / "studies").glob("*.yaml"))
+    assert {f.stem for f in files} == {"pneumoniamnist", "busi", "busi_64px", "busi_p2x", "simsiam_resnetv2_gn",
+                                       "simsiam_resnetv2_bn"}
+    for path in files:
+        first = tmp_path / "pn.npz" if path.stem == "busi_p2x" else None
+        cfg = load_study_config(path, data=tmp_path / "store", first_stage_data=first)
+        assert cfg.data == (tmp_path / "store").resolve() and cfg.out == repo / "study_runs" / path.stem
+        assert not {"lr", "optimizer"} & set(cfg.pretrain), path
+        assert cfg.protocols == ["knn", "linear"] and cfg.evaluation["trials"] == 3, path
+    gn, bn = (load_study_config(repo / "studies" / f"simsiam_resnetv2_{n}.yaml", data=tmp_path / "pn.npz")
+              for n in ("gn", "bn"))
+    assert (gn.network["norm"], bn.network["norm"]) == ("gn", "bn")
+    assert {**gn.network, "norm": "bn"} == bn.network and gn.pretrain == bn.pretrain

@@ -204,7 +204,8 @@ def study_markdown(cfg: StudyConfig, stages: list[Stage]) -> str:
     lines = [f"# Study: {cfg.path.stem} on {data_name(cfg.data)}", "",
              f"- data: `{data_name(cfg.data)}` (modality preset {cfg.modality}); seed {cfg.seed}",
              f"- network of random initialisations: {cfg.network['arch']}, widen factor "
-             f"{cfg.network['widen_factor']:g}, {'small' if cfg.network['small_stem'] else 'standard'} stem",
+             f"{cfg.network['widen_factor']:g}, {'small' if cfg.network['small_stem'] else 'standard'} stem"
+             + ({"gn": ", GroupNorm", "bn": ", BatchNorm"}.get(cfg.network.get("norm"), "")),
              f"- methods: {methods}; pretraining budget: {budget or 'PretrainConfig defaults'}",
              "- initialisations: " + ", ".join(i.name for i in cfg.initialisations),
              f"- evaluation: protocols {', '.join(cfg.protocols)}; {evaluation or 'EvalConfig defaults'}",

@@ -237,7 +237,7 @@ def test_a_pretraining_flag_is_reported_once_in_a_comparison(tmp_path):
         monitor.update(out["embeddings"], iteration=it, epoch=1)
     own = pretraining_flags(run)
     assert [f["flag"] for f in own] == ["collapse_warning"]
-    ev = SimpleNamespace(name="P1X", path=tmp_path / "eval", summary=[],
+    ev = SimpleNamespace(name="P1X", dataset="d", path=tmp_path / "eval", summary=[],
                          results={"flags": own, "backbone": {"arch": "resnet18", "source": "checkpoint"}})
     flags = comparison_flags([ev], [], pretrain_runs=[run])
     assert [f["flag"] for f in flags] == ["collapse_warning"] and flags[0]["message"] == own[0]["message"]
@@ -248,6 +248,14 @@ def test_a_pretraining_flag_is_reported_once_in_a_comparison(tmp_path):
         {"flag": "collapse_warning", "message": "p1x: old wording", "run": str(run)}]}})
     assert [f["message"] for f in comparison_flags([stale], [], pretrain_runs=[run / "metrics.jsonl"])] == \
         [own[0]["message"]]
+    # an evaluation's own flags are not merged with another's, even in the same words (two degenerate probes)
+    one_class = {"fraction": 1.0, "trials": [{"trial": 0, "balanced_accuracy": 1 / 3,
+                                              "confusion_matrix": [[5, 0, 0], [5, 0, 0], [5, 0, 0]]}]}
+    probes = [SimpleNamespace(name=n, dataset="d", path=tmp_path / n, summary=[one_class],
+                              results={"backbone": {}, "data": {"classes": list(CLASSES)}})
+              for n in ("Random", "P1X")]
+    found = [(f["flag"], f["evaluation"]) for f in comparison_flags(probes, [])]
+    assert found == [("degenerate_probe", "Random"), ("degenerate_probe", "P1X")]
 
 
 def test_an_early_dip_of_the_spread_that_recovers_is_not_a_collapse(tmp_path):

@@ -211,12 +211,14 @@ def compare_evaluations(
     columns = sorted({(ev.dataset, b["fraction"]) for ev in evals for b in ev.summary})
     names = list(dict.fromkeys(ev.name for ev in evals))
     cells: dict[tuple[str, str, float], dict] = {}
-    degenerate: dict[tuple[str, str, float], set] = {}  # trials whose predictions are degenerate (sanity flags)
+    paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed, cluster_by=cluster_by)
+    flags = comparison_flags(evals, paired, pretrain_runs)
+    degenerate: dict[tuple[str, str, float], set] = {}  # trials whose predictions are degenerate
+    for f in flags:
+        if f["flag"] == "degenerate_probe":
+            degenerate.setdefault((f["evaluation"], f["dataset"], float(f["fraction"])), set()).add(f["trial"])
     csv_rows = []
     for ev in evals:
-        for f in report_flags(ev):
-            if f["flag"] == "degenerate_probe":
-                degenerate.setdefault((ev.name, ev.dataset, float(f["fraction"])), set()).add(f["trial"])
         for b in ev.summary:
             cells[(ev.name, ev.dataset, b["fraction"])] = b
             s = b["summary"]
@@ -250,7 +252,6 @@ def compare_evaluations(
         f"{len(cells[(name, d, f)]['trials'])} trials (degenerate_probe, Sanity flags); comparison.csv keeps "
         "the numbers." for (name, d, f), trials in degenerate.items() if (name, d, f) in cells))
     table += [""] + list(warnings) if warnings else []
-    paired = paired_comparisons(evals, n_resamples=n_resamples, seed=seed, cluster_by=cluster_by)
     comparison_md = "\n".join(table) + "\n"
     atomic_write_text(out / "comparison.md", comparison_md)
     _write_csv(out / "comparison.csv", csv_rows)
@@ -264,7 +265,6 @@ def compare_evaluations(
              f"p: two-sided paired bootstrap p-value at its resolution; Holm-adjusted over the {len(paired)} "
              "comparisons of this report (family-wise error rate).", ""]
     lines += [paired_line(r) for r in paired] or ["(no two evaluations share a dataset and label fraction)"]
-    flags = comparison_flags(evals, paired, pretrain_runs)
     lines += ["", "## Sanity flags", ""] + (flag_lines(flags) or ["None raised (definitions below)."])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     lines += ["", "## Definitions", "", f"- **CI**: {BOOTSTRAP_DEFINITION}", f"- **paired**: {PAIRED_DEFINITION}"]

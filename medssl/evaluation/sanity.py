@@ -174,9 +174,14 @@ def _series(lines: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.array([by_it[i] for i in sorted(by_it)], dtype=np.float64)
 
 
+def _window(series: np.ndarray) -> int:
+    """Values in the smoothing window at either end of a run: :data:`LOSS_WINDOW_FRACTION` of them, at least 1."""
+    return max(1, int(round(LOSS_WINDOW_FRACTION * len(series))))
+
+
 def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """``collapse_warning``, ``spread_falling`` and ``flat_loss`` of a pretraining run (RUN_DIR or its
-    metrics.jsonl); each flag carries ``run`` (the path)."""
+    """``collapse_warning``, ``uniform_prototypes``, ``spread_falling`` and ``flat_loss`` of a pretraining run
+    (RUN_DIR or its metrics.jsonl); each flag carries ``run`` (the path)."""
     path = Path(run)
     if path.is_dir():
         path = path / "metrics.jsonl"
@@ -187,8 +192,7 @@ def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if warnings:
         low = min(float(o["collapse_std"]) for o in warnings)
         limit = COLLAPSE_THRESHOLD * float(warnings[-1].get("healthy_std") or 0.0)
-        tail = spread[-max(1, int(round(LOSS_WINDOW_FRACTION * len(spread)))):] if len(spread) else np.array([low])
-        end = float(tail.mean())
+        end = float(spread[-_window(spread):].mean()) if len(spread) else low
         if not limit or end < limit:  # still collapsed at the end (an early dip that recovers is not flagged)
             flags.append(_flag("collapse_warning", f"{path.parent.name}: {len(warnings)} steps with embedding std "
                                f"below {COLLAPSE_THRESHOLD:g}/sqrt(D) (lowest {low:.3g}; {end:.3g} over the last "
@@ -203,13 +207,13 @@ def pretraining_flags(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     loss = _series(lines, "loss")
     prototypes = swav_prototypes(path.parent)
     if prototypes and len(loss):
-        end = float(loss[-max(1, int(round(LOSS_WINDOW_FRACTION * len(loss)))):].mean())
+        end = float(loss[-_window(loss):].mean())
         if end >= (1 - UNIFORM_LOSS_RELATIVE) * math.log(prototypes):
             flags.append(_flag("uniform_prototypes", f"{path.parent.name}: the SwAV loss ends at {end:.4g}, ln K = "
                                f"{math.log(prototypes):.4g} for K = {prototypes} prototypes: uniform predictions, "
                                "no learning signal (fewer prototypes; see docs/results.md)", run=str(path.parent)))
     if len(loss) >= MIN_LOSS_LINES:
-        window = max(1, int(round(LOSS_WINDOW_FRACTION * len(loss))))
+        window = _window(loss)
         first, last = float(loss[:window].mean()), float(loss[-window:].mean())
         relative = abs(first - last) / max(abs(first), abs(last), 1e-3)
         if relative < FLAT_LOSS_RELATIVE:
@@ -426,15 +430,18 @@ def comparison_flags(evals: Sequence[Any], paired: Sequence[dict], pretrain_runs
     learned backbones not above the random init of the same architecture (paired rows), and the pretraining
     runs' flags (``--pretrain-runs``), recomputed from their metrics.jsonl (an evaluation's stored copy of a
     listed run's flags is dropped: the run may have been continued since)."""
-    keyed = []  # (flag kind, message before any prefix): a pretraining run's flag is reported once, whether it
-    # comes from an evaluation of its backbone, from several, or from ``pretrain_runs``
+    keyed = []  # (kind, message): a pretraining run's flag is keyed by its own message, so it is reported once
+    # whether it comes from an evaluation of its backbone, from several, or from ``pretrain_runs``; the other
+    # flags of an evaluation by the message with the evaluation's name
     fresh = {_run_dir(r) for r in pretrain_runs}  # recomputed below: their flags stored by an evaluation are stale
     for ev in evals:
         for f in report_flags(ev):
             if f["flag"] in PRETRAINING_FLAGS and f.get("run") and _run_dir(f["run"]) in fresh:
                 continue
             if f["flag"] != "not_above_random_init":
-                keyed.append(((f["flag"], f["message"]), {**f, "message": f"{ev.name}: {f['message']}"}))
+                named = {**f, "message": f"{ev.name}: {f['message']}", "evaluation": ev.name, "dataset": ev.dataset}
+                keyed.append(((f["flag"], f["message"] if f["flag"] in PRETRAINING_FLAGS else named["message"]),
+                              named))
     arch = {ev.name: ev.results.get("backbone", {}).get("arch") for ev in evals}
     random_names = [ev.name for ev in evals if ev.results.get("backbone", {}).get("source") == "random"]
     same_arch = [r for r in paired if arch.get(r["a"]) == arch.get(r["b"])]
